@@ -1,0 +1,146 @@
+"""The reference operator against oracles it did not write: F.conv2d with static atoms, a
+per-pixel shift with one-hot atoms over identity bases, and gradcheck in float64."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from atomconv import atom_conv2d
+from atomconv.reference import atom_conv2d_reference, chunk_bytes_per_row, chunk_plan
+from atomconv.validation import validate_atom_conv2d
+
+from helpers import output_size, static_atom_problem
+
+GEOMETRIES = [
+    # kernel, stride, padding, dilation, groups, (H, W)
+    *[(k, s, p, d, 1, (9, 8)) for k, s, p, d in itertools.product((1, 3, 5), (1, 2, 3), (0, 1, 3), (1, 2))
+      if output_size((9, 8), k, s, p, d)[0] > 0 and output_size((9, 8), k, s, p, d)[1] > 0],
+    (7, 1, 3, 1, 1, (11, 10)),
+    (7, 2, 0, 1, 1, (13, 7)),
+    ((3, 5), (1, 2), (2, 0), (2, 1), 1, (9, 11)),
+    ((1, 3), 1, (0, 1), 1, 1, (5, 6)),
+    (3, 1, 1, 1, 2, (7, 7)),
+    (3, 2, 1, 1, 2, (9, 6)),
+    (5, 1, 2, 2, 4, (10, 9)),  # depthwise: groups == C_in == 4
+    (3, 3, 2, 2, 4, (8, 11)),
+]
+
+
+def _ids(geometry):
+    k, s, p, d, g, hw = geometry
+    return f"k{k}-s{s}-p{p}-d{d}-g{g}-{hw[0]}x{hw[1]}"
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=_ids)
+def test_static_atoms_equal_conv2d(geometry):
+    kernel, stride, padding, dilation, groups, hw = geometry
+    x, coeff, bases, weight, bias, static_weight = static_atom_problem(2, 4, 8, hw, kernel, stride, padding, dilation, groups)
+    y = atom_conv2d(x, coeff, bases, weight, bias, stride, padding, dilation, groups, backend="reference")
+    expected = F.conv2d(x, static_weight, bias, stride, padding, dilation, groups)
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed"])
+def test_memory_layouts_of_x(layout):
+    x, coeff, bases, weight, bias, static_weight = static_atom_problem(2, 6, 4, (9, 9), 3, 2, 1, 1, 2)
+    if layout == "channels_last":
+        x_in = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x_in = torch.stack([x, -x], dim=-1)[..., 0]  # every other element of a wider tensor
+    else:
+        x_in = x.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not x_in.is_contiguous()
+    y = atom_conv2d(x_in, coeff, bases, weight, bias, 2, 1, 1, 2, backend="reference")
+    torch.testing.assert_close(y, F.conv2d(x, static_weight, bias, 2, 1, 1, 2), rtol=1e-10, atol=1e-10)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_one_hot_atoms_on_identity_bases_shift_each_pixel():
+    """A different tap at every pixel: y[n, o, h, w] = sum_c weight[o, c] * xp[n, c, tap(h, w)]."""
+    g = torch.Generator().manual_seed(1)
+    n, c_in, c_out, k, stride, padding, dilation = 2, 3, 5, 3, 2, 2, 2
+    x = torch.randn(n, c_in, 9, 10, generator=g, dtype=torch.float64)
+    h_out, w_out = output_size((9, 10), k, stride, padding, dilation)
+    taps = torch.randint(0, k * k, (n, h_out, w_out), generator=g)
+    coeff = F.one_hot(taps, k * k).permute(0, 3, 1, 2).to(torch.float64)  # M = 1, L = K*K
+    bases = torch.eye(k * k, dtype=torch.float64).view(k * k, k, k)
+    weight = torch.randn(c_out, c_in, 1, generator=g, dtype=torch.float64)
+    y = atom_conv2d(x, coeff, bases, weight, None, stride, padding, dilation, backend="reference")
+
+    xp = F.pad(x, (padding,) * 4)
+    expected = torch.empty(n, c_out, h_out, w_out, dtype=torch.float64)
+    for b, h, w in itertools.product(range(n), range(h_out), range(w_out)):
+        i, j = divmod(int(taps[b, h, w]), k)
+        expected[b, :, h, w] = weight[:, :, 0] @ xp[b, :, h * stride + i * dilation, w * stride + j * dilation]
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+
+
+def _pixel_varying_problem(dtype=torch.float64, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 4, 11, 9, generator=g, dtype=dtype)
+    coeff = torch.randn(3, 2 * 5, 6, 5, generator=g, dtype=dtype)  # M=2, L=5, stride 2, padding 1
+    bases = torch.randn(5, 3, 3, generator=g, dtype=dtype)
+    weight = torch.randn(6, 2, 2, generator=g, dtype=dtype)
+    bias = torch.randn(6, generator=g, dtype=dtype)
+    return x, coeff, bases, weight, bias
+
+
+@pytest.mark.parametrize("max_chunk_bytes", [1, 4000, 20000, 10**9])
+def test_chunked_equals_one_chunk(max_chunk_bytes):
+    args = _pixel_varying_problem()
+    geo = validate_atom_conv2d(*args, 2, 1, 1, 2)
+    assert len(chunk_plan(geo, chunk_bytes_per_row(geo, 8), max_chunk_bytes)) == {1: 18, 4000: 9, 20000: 3, 10**9: 1}[max_chunk_bytes]
+    whole = atom_conv2d_reference(*args, geo, max_chunk_bytes=None)
+    chunked = atom_conv2d_reference(*args, geo, max_chunk_bytes=max_chunk_bytes)
+    torch.testing.assert_close(chunked, whole, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("rows_per_chunk", [None, 4])
+def test_gradcheck_every_input(rows_per_chunk):
+    args = [t.requires_grad_() for t in _pixel_varying_problem()]
+    geo = validate_atom_conv2d(*args, 2, 1, 1, 2)
+    max_chunk_bytes = rows_per_chunk and rows_per_chunk * chunk_bytes_per_row(geo, 8)  # 2 chunks a sample
+    assert torch.autograd.gradcheck(lambda *a: atom_conv2d_reference(*a, geo, max_chunk_bytes=max_chunk_bytes), args)
+
+
+def test_gradcheck_dilated_non_square_through_public_api():
+    g = torch.Generator().manual_seed(3)
+    d = torch.float64
+    x = torch.randn(2, 3, 7, 8, generator=g, dtype=d, requires_grad=True)
+    bases = torch.randn(4, 3, 2, generator=g, dtype=d, requires_grad=True)
+    h_out, w_out = output_size((7, 8), (3, 2), (1, 2), (0, 1), (2, 1))
+    coeff = torch.randn(2, 3 * 4, h_out, w_out, generator=g, dtype=d, requires_grad=True)
+    weight = torch.randn(5, 3, 3, generator=g, dtype=d, requires_grad=True)
+    fn = lambda *a: atom_conv2d(*a, None, (1, 2), (0, 1), (2, 1), backend="reference")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, coeff, bases, weight))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+def test_low_precision_dtypes(dtype, tol):
+    args64 = _pixel_varying_problem()
+    y64 = atom_conv2d(*args64, 2, 1, 1, 2, backend="reference")
+    y = atom_conv2d(*(t.to(dtype) for t in args64), 2, 1, 1, 2, backend="reference")
+    assert y.dtype == dtype
+    # Inputs are rounded to `dtype` first, so compare with float64 on the rounded inputs.
+    y_rounded = atom_conv2d(*(t.to(dtype).double() for t in args64), 2, 1, 1, 2, backend="reference")
+    torch.testing.assert_close(y.double(), y_rounded, rtol=tol, atol=tol * y64.abs().max().item())
+
+
+def test_empty_batch_has_gradients():
+    x, coeff, bases, weight, bias = (t.requires_grad_() for t in _pixel_varying_problem())
+    y = atom_conv2d(x[:0], coeff[:0], bases, weight, bias, 2, 1, 1, 2)
+    assert y.shape == (0, 6, 6, 5)
+    y.sum().backward()
+    assert torch.count_nonzero(weight.grad) == 0 and torch.count_nonzero(bias.grad) == 0
+
+
+def test_auto_backend_on_cpu_is_reference():
+    args = _pixel_varying_problem()
+    torch.testing.assert_close(
+        atom_conv2d(*args, 2, 1, 1, 2), atom_conv2d(*args, 2, 1, 1, 2, backend="reference"), rtol=0, atol=0
+    )

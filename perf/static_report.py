@@ -1,0 +1,156 @@
+"""Static report: compile every kernel x candidate config x dtype for sm_80 and sm_90, no GPU needed.
+
+    python -m perf.static_report [--json FILE] [--defaults-only]
+
+One record per variant (SPEC §4): kernel, arch, dtype, config, default, shared_bytes,
+registers, spill_bytes, mma. Kernels are compiled for a representative problem with the
+specialisation the launcher's real arguments get at run time (16-byte divisible pointers and
+ints, ints equal to 1 folded to constants), taken from Triton's own argument binder.
+Registers and spills come from the bundled `cuobjdump --dump-resource-usage` (REG, STACK),
+the MMA count from its SASS (HMMA on sm_80, HGMMA or HMMA on sm_90). Must run without
+TRITON_INTERPRET: the interpreter compiles nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default; set to silence triton 3.9's warning
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
+
+from atomconv.validation import validate_atom_conv2d  # noqa: E402
+from kernels import configs, forward  # noqa: E402
+
+ARCH_NUMBERS = {"sm_80": 80, "sm_90": 90}
+SHARED_LIMIT_BYTES = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
+MMA_OPCODES = re.compile(r"\b(?:HMMA|HGMMA)\b")
+RESOURCE_RE = re.compile(r"REG:(\d+)\s+STACK:(\d+)")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One kernel compiled with one config for one dtype: its argument values by name
+    (tensors may be empty CPU tensors, only dtype, strides and alignment matter) and the
+    launch options."""
+
+    kernel: str
+    fn: triton.runtime.JITFunction
+    dtype: torch.dtype
+    config: configs.ForwardConfig
+    args: dict[str, object]
+    num_warps: int
+    num_stages: int
+
+
+def forward_variants(dtype: torch.dtype) -> Iterator[Variant]:
+    """The fused forward on the project's performance shape: N=32, C_in=C_out=64, 56x56, M=6,
+    K=3 (L=6), bias, contiguous NCHW."""
+    n, c, hw, m, k, num_bases = 32, 64, 56, 6, 3, 6
+    x = torch.empty(n, c, hw, hw, dtype=dtype)
+    atom_coeff = torch.empty(n, m * num_bases, hw, hw, dtype=dtype)
+    bases = torch.empty(num_bases, k, k, dtype=dtype)
+    weight = torch.empty(c, c, m, dtype=dtype)
+    bias = torch.empty(c, dtype=dtype)
+    geo = validate_atom_conv2d(x, atom_coeff, bases, weight, bias, 1, k // 2, 1, 1)
+    y = torch.empty(n, c, *geo.out_size, dtype=dtype)
+    for config in configs.all_forward_candidates():
+        launch = configs.fit_forward_config(config, geo)
+        args = forward.forward_kernel_args(x, atom_coeff, bases, weight, bias, y, geo, launch)
+        yield Variant("atom_conv2d_fwd", forward.atom_conv2d_fwd_kernel, dtype, config, args,
+                      launch.num_warps, launch.num_stages)
+
+
+KERNELS: dict[str, Callable[[torch.dtype], Iterator[Variant]]] = {"atom_conv2d_fwd": forward_variants}
+DEFAULTS: dict[str, dict] = {"atom_conv2d_fwd": configs.DEFAULT_FORWARD}
+
+
+def _ast_source(variant: Variant, target: GPUTarget) -> ASTSource:
+    """The source Triton's runtime would compile for these arguments: its own binder gives the
+    signature and specialisation, its own packing turns them into constexprs and attrs."""
+    backend = make_backend(target)
+    binder = create_function_from_signature(variant.fn.signature, variant.fn.params, backend)
+    bound_args, specialization, options = binder(**variant.args)
+    _, signature, constexprs, attrs = variant.fn._pack_args(backend, {}, bound_args, specialization, options)
+    return ASTSource(variant.fn, signature, constexprs, attrs)
+
+
+def _cuobjdump(*args: str) -> str:
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return subprocess.run([str(tool), *args], check=True, capture_output=True, text=True).stdout
+
+
+def compile_variant(variant: Variant, arch: str) -> dict:
+    """Compile one variant for one arch and measure it: the report's record."""
+    target = GPUTarget("cuda", ARCH_NUMBERS[arch], 32)
+    compiled = triton.compile(_ast_source(variant, target), target=target,
+                              options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        registers, stack = map(int, RESOURCE_RE.search(_cuobjdump("--dump-resource-usage", str(cubin))).groups())
+        mma = len(MMA_OPCODES.findall(_cuobjdump("-sass", str(cubin))))
+    return {
+        "kernel": variant.kernel,
+        "arch": arch,
+        "dtype": str(variant.dtype).removeprefix("torch."),
+        "config": variant.config.as_dict(),
+        "default": DEFAULTS[variant.kernel][variant.dtype, arch] == variant.config,
+        "shared_bytes": compiled.metadata.shared,
+        "registers": registers,
+        "spill_bytes": stack,
+        "mma": mma,
+    }
+
+
+def build_report(archs=configs.ARCHS, dtypes=configs.KERNEL_DTYPES, defaults_only: bool = False) -> list[dict]:
+    """Records for every kernel x candidate config x dtype x arch (only the defaults if asked)."""
+    if forward.INTERPRETING:
+        raise RuntimeError("the static report compiles for GPUs: run it without TRITON_INTERPRET=1")
+    records = []
+    for kernel, variants in KERNELS.items():
+        for dtype in dtypes:
+            for variant in variants(dtype):
+                for arch in archs:
+                    if defaults_only and DEFAULTS[kernel][dtype, arch] != variant.config:
+                        continue
+                    records.append(compile_variant(variant, arch))
+    return records
+
+
+def format_table(records: list[dict]) -> str:
+    import pandas as pd
+
+    frame = pd.DataFrame(records)
+    frame["config"] = frame["config"].map(lambda c: " ".join(f"{k}={v}" for k, v in c.items()))
+    frame["shared_limit"] = frame["arch"].map(SHARED_LIMIT_BYTES)
+    return frame.sort_values(["kernel", "arch", "dtype", "default"], ascending=[True, True, True, False]).to_string(index=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="write the records to this file")
+    parser.add_argument("--defaults-only", action="store_true", help="compile only the default configs")
+    args = parser.parse_args(argv)
+    records = build_report(defaults_only=args.defaults_only)
+    if args.json:
+        args.json.write_text(json.dumps(records, indent=1))
+    print(format_table(records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Dispatch between backends, and the Triton forward's stop-gap backward."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+import torch
+
+import kernels.forward
+from atomconv import atom_conv2d
+
+from helpers import output_size
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="needs a GPU or Triton's interpreter")
+
+
+def _problem(dtype, requires_grad=False, seed=0):
+    """x [2, 4, 7, 6], atom_coeff [2, 2*3, H_out, W_out], bases [3, 3, 3], weight [6, 2, 2], bias [6]:
+    stride (2, 1), padding 1, dilation (1, 2), groups 2."""
+    g = torch.Generator().manual_seed(seed)
+    h_out, w_out = output_size((7, 6), 3, (2, 1), 1, (1, 2))
+    shapes = [(2, 4, 7, 6), (2, 6, h_out, w_out), (3, 3, 3), (6, 2, 2), (6,)]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return [torch.randn(s, generator=g).to(device, dtype).requires_grad_(requires_grad) for s in shapes]
+
+
+GEOMETRY = dict(stride=(2, 1), padding=1, dilation=(1, 2), groups=2)
+
+
+def test_triton_backend_runs_the_kernel():
+    args = _problem(torch.float32)
+    with mock.patch.object(kernels.forward, "launch_forward", wraps=kernels.forward.launch_forward) as launch:
+        y = atom_conv2d(*args, **GEOMETRY, backend="triton")
+    assert launch.call_count == 1
+    torch.testing.assert_close(y, atom_conv2d(*args, **GEOMETRY, backend="reference"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 1e-2)])
+def test_triton_forward_gradients_equal_reference(dtype, tol):
+    fused_in = _problem(dtype, requires_grad=True)
+    ref_in = _problem(dtype, requires_grad=True)
+    grad_y = torch.randn(2, 6, 4, 4, generator=torch.Generator().manual_seed(9)).to(fused_in[0])
+    atom_conv2d(*fused_in, **GEOMETRY, backend="triton").backward(grad_y)
+    atom_conv2d(*ref_in, **GEOMETRY, backend="reference").backward(grad_y)
+    for fused, ref in zip(fused_in, ref_in):
+        assert fused.grad.dtype == dtype
+        torch.testing.assert_close(fused.grad, ref.grad, rtol=tol, atol=tol)
+
+
+def test_triton_gradients_only_for_inputs_that_need_them():
+    x, coeff, bases, weight, bias = _problem(torch.float32)
+    weight.requires_grad_()
+    atom_conv2d(x, coeff, bases, weight, None, **GEOMETRY, backend="triton").sum().backward()
+    assert weight.grad is not None and x.grad is None and coeff.grad is None
+
+
+def test_triton_backend_rejects_float64():
+    with pytest.raises(TypeError, match="float64.*backend='reference'"):
+        atom_conv2d(*_problem(torch.float64), **GEOMETRY, backend="triton")
+
+
+def test_triton_backend_on_cpu_without_interpreter_says_so():
+    code = ("import torch; from atomconv import atom_conv2d\n"
+            "x = torch.randn(1, 2, 5, 5); c = torch.randn(1, 4, 3, 3); b = torch.randn(2, 3, 3); w = torch.randn(3, 2, 2)\n"
+            "atom_conv2d(x, c, b, w, backend='triton')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "the Triton path needs CUDA tensors" in result.stderr and "TRITON_INTERPRET=1" in result.stderr

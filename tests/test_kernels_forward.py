@@ -1,0 +1,238 @@
+"""The fused Triton forward (kernels.atom_conv2d_forward) against the reference path and F.conv2d.
+
+Runs on the CPU through Triton's interpreter (switched on below, before kernels are defined);
+shapes are tiny because the interpreter runs every program one after the other.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before `kernels` is imported: @triton.jit reads it
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from atomconv.reference import atom_conv2d_reference
+from atomconv.validation import validate_atom_conv2d
+from kernels import configs, forward
+from helpers import output_size, static_atom_problem
+
+REPO = Path(__file__).resolve().parents[1]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Largest |y - reference| allowed, relative to max |reference| (float64): output rounding, and
+# on a GPU the rounding of Z to the input dtype before the tensor-core dot.
+REL_TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def make_problem(n, c_in, c_out, hw, kernel, stride=1, padding=0, dilation=1, groups=1, bias=True,
+                 num_atoms=3, num_bases=4, seed=0):
+    """Random float64 CPU inputs (x, atom_coeff, bases, weight, bias or None) and the call's kwargs."""
+    g = torch.Generator().manual_seed(seed)
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    h_out, w_out = output_size(hw, kernel, stride, padding, dilation)
+    tensors = (
+        torch.randn(n, c_in, *hw, generator=g, dtype=torch.float64),
+        torch.randn(n, num_atoms * num_bases, h_out, w_out, generator=g, dtype=torch.float64),
+        torch.randn(num_bases, kh, kw, generator=g, dtype=torch.float64),
+        torch.randn(c_out, c_in // groups, num_atoms, generator=g, dtype=torch.float64),
+        torch.randn(c_out, generator=g, dtype=torch.float64) if bias else None,
+    )
+    return tensors, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+def to(tensors, dtype):
+    return tuple(None if t is None else t.to(device=DEVICE, dtype=dtype) for t in tensors)
+
+
+def reference(tensors, kwargs):
+    """Reference output in float64 on the CPU."""
+    tensors = tuple(None if t is None else t.double().cpu() for t in tensors)
+    return atom_conv2d_reference(*tensors, validate_atom_conv2d(*tensors, **kwargs))
+
+
+def assert_close(y, expected, dtype):
+    assert y.dtype == dtype and y.shape == expected.shape
+    err = (y.double().cpu() - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert err <= REL_TOL[dtype] * scale, f"max error {err:.3g} vs max |y| {scale:.3g}"
+
+
+def check(tensors, kwargs, dtype=torch.float32):
+    """Run the fused forward at dtype (inputs rounded to it first) against the float64 reference."""
+    inputs = to(tensors, dtype)
+    y = kernels.atom_conv2d_forward(*inputs, **kwargs)
+    assert_close(y, reference(inputs, kwargs), dtype)
+    return y
+
+
+# (n, c_in, c_out, (H, W), kernel, stride, padding, dilation, groups, bias, M, L): odd sizes
+# throughout, so no dimension is a multiple of a block size.
+GEOMETRIES = [
+    (2, 3, 5, (7, 9), 1, 1, 0, 1, 1, True, 3, 1),
+    (2, 4, 6, (7, 9), 3, 1, 1, 1, 1, True, 3, 4),
+    (1, 5, 3, (9, 8), 5, 1, 2, 1, 1, False, 2, 6),
+    (2, 3, 4, (8, 7), (2, 3), 1, (0, 1), 1, 1, True, 3, 4),
+    (1, 4, 4, (9, 10), (3, 1), (2, 1), (1, 0), 1, 1, True, 5, 3),
+    (2, 3, 5, (11, 10), 3, 2, 0, 1, 1, True, 3, 4),
+    (1, 3, 2, (12, 13), 3, 3, 2, 1, 1, True, 4, 2),
+    (1, 2, 3, (9, 11), 3, 1, 2, 2, 1, False, 3, 4),
+    (1, 3, 3, (10, 9), 3, (1, 2), 1, (2, 1), 1, True, 3, 3),
+    (2, 4, 6, (7, 8), 3, 1, 1, 1, 2, True, 3, 4),
+    (1, 6, 4, (8, 7), 3, 2, 1, 1, 2, False, 6, 2),
+    (2, 5, 5, (7, 9), 3, 1, 1, 1, 5, True, 3, 4),  # depthwise
+    (1, 4, 8, (6, 7), 5, 1, 2, 2, 4, True, 2, 3),  # depthwise, channel multiplier 2
+]
+
+
+@pytest.mark.parametrize("case", GEOMETRIES, ids=lambda c: "k{4}-s{5}-p{6}-d{7}-g{8}-bias{9}".format(*c))
+def test_matches_reference_over_geometries(case):
+    n, c_in, c_out, hw, kernel, stride, padding, dilation, groups, bias, m, l = case
+    check(*make_problem(n, c_in, c_out, hw, kernel, stride, padding, dilation, groups, bias, m, l))
+
+
+@pytest.mark.parametrize("hw, kernel, stride", [((5, 9), 5, 1), ((9, 4), 3, (1, 2)), ((3, 3), 3, 1)])
+def test_one_row_or_column_of_output(hw, kernel, stride):
+    tensors, kwargs = make_problem(2, 3, 4, hw, kernel, stride=stride)
+    y = check(tensors, kwargs)
+    assert 1 in y.shape[2:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("problem", [
+    ((2, 20, 6, (7, 9), 3), dict(padding=1, groups=2, num_atoms=6, num_bases=6)),
+    ((1, 6, 6, (9, 8), (3, 5)), dict(stride=2, padding=(2, 1), dilation=(1, 2), groups=6, bias=False)),
+], ids=["grouped", "depthwise-strided"])
+def test_dtypes(dtype, problem):
+    args, kwargs = problem
+    check(*make_problem(*args, **kwargs), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_channels_last_16_bit(dtype):
+    tensors, kwargs = make_problem(2, 6, 4, (7, 9), 3, padding=1)
+    x, *rest = to(tensors, dtype)
+    y = kernels.atom_conv2d_forward(x.contiguous(memory_format=torch.channels_last), *rest, **kwargs)
+    assert_close(y, reference((x, *rest), kwargs), dtype)
+
+
+def test_several_chunks_and_tiles():
+    """Small blocks: several channel chunks (the last one ragged), output-channel tiles per group
+    and pixel tiles (the last one ragged)."""
+    tensors, kwargs = make_problem(2, 22, 40, (6, 7), 3, padding=1, groups=2, num_atoms=3, num_bases=5)
+    small = configs.ForwardConfig(block_p=16, block_o=16, block_k=16, num_warps=4, num_stages=1)
+    geo = validate_atom_conv2d(*tensors, **kwargs)
+    launch = configs.fit_forward_config(small, geo)
+    assert (launch.BLOCK_C, launch.BLOCK_O, launch.BLOCK_P) == (4, 16, 16)
+    inputs = to(tensors, torch.float32)
+    assert_close(forward.launch_forward(*inputs, geo, config=small), reference(inputs, kwargs), torch.float32)
+
+
+def test_channels_last_input_and_output():
+    tensors, kwargs = make_problem(2, 6, 4, (7, 9), 3, padding=1)
+    x, *rest = to(tensors, torch.float32)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = kernels.atom_conv2d_forward(x, *rest, **kwargs)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_close(y, reference((x, *rest), kwargs), torch.float32)
+
+
+def test_strided_inputs():
+    """Every input a non-contiguous view: strides are passed to the kernel, nothing is copied."""
+    tensors, kwargs = make_problem(2, 4, 6, (7, 9), 3, padding=1)
+    x, atom_coeff, bases, weight, bias = to(tensors, torch.float32)
+    views = (
+        x.transpose(2, 3).contiguous().transpose(2, 3),
+        torch.cat([atom_coeff, atom_coeff], dim=1)[:, ::2],
+        bases.transpose(1, 2).contiguous().transpose(1, 2),
+        weight.permute(2, 0, 1).contiguous().permute(1, 2, 0),
+        torch.stack([bias, bias], dim=1)[:, 0],
+    )
+    assert not any(v.is_contiguous() for v in views)
+    assert_close(kernels.atom_conv2d_forward(*views, **kwargs), reference(views, kwargs), torch.float32)
+
+
+def test_static_atoms_match_conv2d():
+    """SPEC §1 oracle: pixel-independent atoms make the operator a plain F.conv2d."""
+    kernel, stride, padding, dilation, groups = (3, 5), (2, 1), (1, 2), (1, 2), 2
+    x, atom_coeff, bases, weight, bias, static_weight = static_atom_problem(
+        2, 4, 6, (9, 11), kernel, stride, padding, dilation, groups, dtype=torch.float32)
+    x, atom_coeff, bases, weight, bias = to((x, atom_coeff, bases, weight, bias), torch.float32)
+    y = kernels.atom_conv2d_forward(x, atom_coeff, bases, weight, bias, stride, padding, dilation, groups)
+    expected = F.conv2d(x.double(), static_weight.double().to(DEVICE), bias.double(), stride, padding, dilation, groups)
+    assert_close(y, expected.cpu(), torch.float32)
+
+
+@pytest.mark.parametrize("config", configs.all_forward_candidates(), ids=lambda c: "-".join(map(str, c.as_dict().values())))
+def test_every_candidate_config(config):
+    tensors, kwargs = make_problem(1, 10, 9, (5, 6), 3, padding=1, num_atoms=6, num_bases=3)
+    geo = validate_atom_conv2d(*tensors, **kwargs)
+    inputs = to(tensors, torch.float32)
+    assert_close(forward.launch_forward(*inputs, geo, config=config), reference(inputs, kwargs), torch.float32)
+
+
+def test_the_triton_kernel_runs(monkeypatch):
+    """The result comes from one launch of the Triton kernel, not from a fallback."""
+    launches = []
+    kernel = forward.atom_conv2d_fwd_kernel
+
+    class CountingKernel:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(forward, "atom_conv2d_fwd_kernel", CountingKernel())
+    check(*make_problem(1, 3, 4, (5, 6), 3, padding=1))
+    assert len(launches) == 1
+
+
+def test_empty_batch():
+    tensors, kwargs = make_problem(0, 3, 4, (5, 6), 3, padding=1)
+    y = kernels.atom_conv2d_forward(*to(tensors, torch.float32), **kwargs)
+    assert y.shape == (0, 4, 5, 6) and y.dtype == torch.float32
+
+
+def test_float64_is_refused():
+    tensors, kwargs = make_problem(1, 3, 4, (5, 6), 3)
+    with pytest.raises(TypeError, match="float16, bfloat16 and float32"):
+        kernels.atom_conv2d_forward(*to(tensors, torch.float64), **kwargs)
+
+
+def test_bad_input_is_validated():
+    (x, atom_coeff, bases, weight, bias), kwargs = make_problem(1, 3, 4, (5, 6), 3)
+    with pytest.raises(ValueError, match="atom_coeff"):
+        kernels.atom_conv2d_forward(*to((x, atom_coeff[:, 1:], bases, weight, bias), torch.float32), **kwargs)
+
+
+def test_cpu_tensors_without_interpreter_fail_clearly():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import torch, kernels\n"
+        "x = torch.randn(1, 2, 5, 5)\n"
+        "kernels.atom_conv2d_forward(x, torch.randn(1, 2, 3, 3), torch.randn(1, 3, 3), torch.randn(2, 2, 2))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "RuntimeError: the Triton path needs CUDA tensors" in result.stderr
+
+
+def test_fit_keeps_dots_at_least_16_wide():
+    """Depthwise with few atoms still gets a 16-wide reduction and 16 output channels per dot."""
+    tensors, kwargs = make_problem(1, 4, 4, (5, 5), 3, groups=4, num_atoms=2)
+    launch = configs.fit_forward_config(configs.all_forward_candidates()[0], validate_atom_conv2d(*tensors, **kwargs))
+    assert launch.M_PAD == 2 and launch.BLOCK_C * launch.M_PAD >= 16 and launch.BLOCK_O >= 16
+
+
+def test_defaults_cover_every_dtype_and_arch_and_are_candidates():
+    narrow, _ = make_problem(1, 64, 32, (5, 5), 3)
+    wide, _ = make_problem(1, 64, 64, (5, 5), 3)
+    assert configs.forward_shape_class(validate_atom_conv2d(*narrow, 1, 0, 1, 1)) == "narrow"
+    assert configs.forward_shape_class(validate_atom_conv2d(*wide, 1, 0, 1, 1)) == "wide"
+    for dtype in configs.KERNEL_DTYPES:
+        for arch in configs.ARCHS:
+            default = configs.DEFAULT_FORWARD[dtype, arch]
+            assert all(default in configs.forward_candidates(c) for c in ("narrow", "wide"))

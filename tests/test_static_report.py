@@ -1,0 +1,46 @@
+"""The default launch configs compile for sm_80 and sm_90 within the hardware's limits.
+
+Runs `python -m perf.static_report --defaults-only` in a subprocess without TRITON_INTERPRET
+(the interpreter compiles nothing); no GPU needed, Triton's bundled ptxas does the work.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_LIMIT_BYTES = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
+
+
+@pytest.fixture(scope="module")
+def default_records(tmp_path_factory):
+    out = tmp_path_factory.mktemp("static_report") / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    result = subprocess.run([sys.executable, "-m", "perf.static_report", "--defaults-only", "--json", str(out)],
+                            cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"static report failed (a compile error?):\n{result.stderr[-4000:]}"
+    return json.loads(out.read_text())
+
+
+def test_every_default_is_compiled(default_records):
+    compiled = {(r["kernel"], r["arch"], r["dtype"]) for r in default_records}
+    assert compiled == {("atom_conv2d_fwd", arch, dtype) for arch in SHARED_LIMIT_BYTES
+                        for dtype in ("float16", "bfloat16", "float32")}
+    assert all(r["default"] for r in default_records)
+
+
+def test_shared_memory_fits(default_records):
+    for r in default_records:
+        assert r["shared_bytes"] <= SHARED_LIMIT_BYTES[r["arch"]], r
+
+
+def test_16_bit_defaults_use_tensor_cores_without_spills(default_records):
+    for r in default_records:
+        if r["dtype"] in ("float16", "bfloat16"):
+            assert r["spill_bytes"] == 0, r
+            assert r["mma"] > 0, r

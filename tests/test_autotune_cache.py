@@ -1,0 +1,512 @@
+"""autotune_cache: lookup order, learning, pruning, file robustness, concurrency and the CLI.
+
+No GPU is needed: `keys.gpu_name` is replaced to pretend one is there, and benchmarks are
+callables returning made-up milliseconds (or raising where none may run).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import autotune_cache
+from atomconv import AtomConv2d
+from atomconv.reference import atom_conv2d_reference
+from atomconv.validation import validate_atom_conv2d
+from autotune_cache import AutotuneCache, DeviceLimits, Footprint, forward_footprint, layer_shape, prune_candidates
+from autotune_cache import __main__ as cli
+from autotune_cache import cache as cache_module
+from autotune_cache import keys
+from autotune_cache.layers import model_layer_shapes, parse_shape
+from autotune_cache.store import SCHEMA, CacheFile, Entry, OnceWarner, merge_into_file, read_cache_file
+from kernels.configs import DEFAULT_FORWARD, ForwardConfig, fit_forward_config, forward_candidates
+
+GPU = "nvidia-test-gpu"
+KERNEL = "atom_conv2d_fwd"
+DEFAULT = DEFAULT_FORWARD[torch.float16, "sm_90"]
+CANDIDATES = forward_candidates("wide")
+# Three distinct candidates to store in tables and learned files.
+LEARNED, TABLED, NEAR = [c for c in CANDIDATES if c != DEFAULT][:3]
+SHAPE = {"c_in_g": 64, "c_out_g": 64, "pixels": 100352, "atoms": 6, "taps": 9}
+CPU = torch.device("cpu")
+
+
+def never(config):
+    raise AssertionError(f"benchmark called with {config}")
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A machine with a GPU named GPU, not interpreting, autotuning on."""
+    monkeypatch.setattr(keys, "gpu_name", lambda device: GPU)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("ATOMCONV_AUTOTUNE", raising=False)
+
+
+def entry(config, shape=SHAPE, dtype="float16", kernel=KERNEL, ms=None, default_ms=None) -> Entry:
+    return Entry(kernel, dtype, keys.shape_bucket(shape), config.as_dict(), dict(shape), ms, default_ms)
+
+
+def write_file(path: Path, *entries: Entry, gpu=GPU, triton=None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    content = CacheFile(gpu, triton or cache_module.triton_version(), {e.key: e for e in entries})
+    path.write_text(json.dumps(content.to_json()))
+    return path
+
+
+def lookup(cache, shape=SHAPE, dtype=torch.float16, benchmark=never, candidates=CANDIDATES, **kwargs):
+    return cache.get_config(KERNEL, device=CPU, dtype=dtype, shape=shape, candidates=candidates, default=DEFAULT,
+                            benchmark=benchmark, **kwargs)
+
+
+def scaled(shape, **factors):
+    return {k: v * factors.get(k, 1) for k, v in shape.items()}
+
+
+# --- keys ---------------------------------------------------------------------------------
+
+def test_gpu_names_are_normalised():
+    assert keys.normalise_gpu_name("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert keys.normalise_gpu_name("  NVIDIA A100-SXM4-40GB ") == "nvidia-a100-sxm4-40gb"
+    with pytest.raises(ValueError, match="GPU name"):
+        keys.normalise_gpu_name(" -- ")
+
+
+def test_buckets_round_up_to_powers_of_two_and_measure_doublings():
+    bucket = keys.shape_bucket({"pixels": 100352, "atoms": 6, "taps": 9, "c_in_g": 64, "c_out_g": 1})
+    assert bucket == (("atoms", 8), ("c_in_g", 64), ("c_out_g", 1), ("pixels", 131072), ("taps", 16))
+    assert keys.bucket_distance(bucket, keys.shape_bucket(scaled(dict(bucket), pixels=4, atoms=2))) == 3
+    assert keys.bucket_distance((("a", 2),), (("b", 2),)) == float("inf")
+    with pytest.raises(ValueError, match="positive ints"):
+        keys.shape_bucket({"pixels": 0})
+
+
+def test_layer_shape_reads_the_geometry():
+    x, beta, bases, weight = torch.empty(2, 8, 9, 7), torch.empty(2, 12, 5, 4), torch.empty(4, 3, 3), torch.empty(6, 4, 3)
+    geo = validate_atom_conv2d(x, beta, bases, weight, None, 2, 1, 1, 2)
+    assert layer_shape(geo) == {"c_in_g": 4, "c_out_g": 3, "pixels": 2 * 5 * 4, "atoms": 3, "taps": 9}
+
+
+# --- lookup order ---------------------------------------------------------------------------
+
+def test_lookup_order_learned_then_table_then_nearest_then_default(tmp_path, fake_gpu):
+    tables = tmp_path / "tables"
+    write_file(tables / "gpu.json", entry(TABLED), entry(NEAR, scaled(SHAPE, pixels=8)))
+    cache_dir = tmp_path / "cache"
+    with_learned = AutotuneCache(cache_dir, tables)
+    write_file(with_learned.learned_path(GPU), entry(LEARNED))
+
+    assert lookup(with_learned) == LEARNED
+    assert lookup(AutotuneCache(tmp_path / "empty", tables)) == TABLED
+    # Unseen bucket, no benchmark: the nearest stored bucket (pixels x16 is 1 doubling from
+    # the NEAR entry's x8, 4 from the exact ones).
+    assert lookup(AutotuneCache(cache_dir, tables), scaled(SHAPE, pixels=16), benchmark=None) == NEAR
+    # Nothing stored for this dtype, or for another GPU: the default.
+    assert lookup(AutotuneCache(cache_dir, tables), dtype=torch.float32, benchmark=None) == DEFAULT
+    write_file(tables / "gpu.json", entry(TABLED), gpu="nvidia-other-gpu")
+    assert lookup(AutotuneCache(tmp_path / "empty", tables), benchmark=None) == DEFAULT
+
+
+def test_nearest_prefers_learned_on_ties_and_skips_configs_that_are_no_longer_candidates(tmp_path, fake_gpu):
+    tables = tmp_path / "tables"
+    write_file(tables / "gpu.json", entry(TABLED, scaled(SHAPE, pixels=4)))
+    cache = AutotuneCache(tmp_path / "cache", tables)
+    write_file(cache.learned_path(GPU), entry(LEARNED, scaled(SHAPE, pixels=4)), entry(NEAR, scaled(SHAPE, pixels=8)))
+    # Both pixels x4 entries are 2 doublings away from the wanted bucket: learned wins the tie.
+    assert lookup(cache, benchmark=None) == LEARNED
+    # Once LEARNED is no longer a candidate, its entry is passed over.
+    without = tuple(c for c in CANDIDATES if c != LEARNED)
+    assert lookup(AutotuneCache(tmp_path / "cache", tables), benchmark=None, candidates=without) == TABLED
+
+
+def test_plain_dict_configs_work_too(tmp_path, fake_gpu):
+    candidates = [{"block": 32}, {"block": 64}, {"block": 128}]
+    cache = AutotuneCache(tmp_path / "cache", tmp_path / "tables")
+    chosen = cache.get_config("k", device=CPU, dtype=torch.float32, shape={"n": 5}, candidates=candidates,
+                              default=candidates[0], benchmark=lambda c: 1.0 / c["block"])
+    assert chosen == {"block": 128}
+    again = AutotuneCache(tmp_path / "cache", tmp_path / "tables")
+    assert again.get_config("k", device=CPU, dtype=torch.float32, shape={"n": 7}, candidates=candidates,
+                            default=candidates[0], benchmark=never) == {"block": 128}
+
+
+# --- learning -------------------------------------------------------------------------------
+
+def test_a_miss_benchmarks_once_and_later_processes_reuse_the_winner(tmp_path, fake_gpu):
+    timings = {c: 1.0 + i for i, c in enumerate(CANDIDATES)}
+    timings[NEAR] = 0.25
+    failing = CANDIDATES[-1]
+    calls = []
+
+    def benchmark(config):
+        calls.append(config)
+        if config == failing:
+            raise RuntimeError("out of resources")
+        return timings[config]
+
+    cache = AutotuneCache(tmp_path / "cache", tmp_path / "tables")
+    assert lookup(cache, benchmark=benchmark) == NEAR
+    assert sorted(map(str, calls)) == sorted(map(str, CANDIDATES)) and calls[0] == DEFAULT
+    assert lookup(cache, benchmark=never) == NEAR  # memoised
+    stored = json.loads(cache.learned_path(GPU).read_text())
+    assert stored["schema"] == SCHEMA and stored["gpu"] == GPU
+    assert stored["triton"] == cache_module.triton_version()
+    [record] = stored["entries"]
+    assert record["config"] == NEAR.as_dict() and record["ms"] == 0.25 and record["default_ms"] == timings[DEFAULT]
+    assert record["shape"] == SHAPE
+    # A new process (a new cache on the same dir) reuses it, for any shape of the bucket.
+    assert lookup(AutotuneCache(tmp_path / "cache", tmp_path / "tables"), SHAPE | {"pixels": 70000}) == NEAR
+
+
+def test_when_no_candidate_runs_the_fallback_is_used_with_one_warning(tmp_path, fake_gpu):
+    def broken(config):
+        raise RuntimeError("no kernel image")
+
+    cache = AutotuneCache(tmp_path / "cache", tmp_path / "tables")
+    with pytest.warns(RuntimeWarning, match="no kernel image") as caught:
+        assert lookup(cache, benchmark=broken) == DEFAULT
+        assert lookup(AutotuneCache(tmp_path / "cache", tmp_path / "tables"), benchmark=None) == DEFAULT
+    assert len(caught) == 1 and not cache.learned_path(GPU).exists()
+
+
+def test_lookups_after_the_first_are_a_dict_access(tmp_path, fake_gpu):
+    cache = AutotuneCache(tmp_path / "cache", tmp_path / "tables")
+    lookup(cache, benchmark=lambda c: 1.0)
+    start = time.perf_counter()
+    for _ in range(1000):
+        lookup(cache, benchmark=never)
+    assert time.perf_counter() - start < 0.5  # ~µs each; the bound allows a loaded CI machine
+
+
+def test_prune_by_footprint_before_benchmarking(tmp_path, fake_gpu, monkeypatch):
+    monkeypatch.setattr(cache_module, "device_limits", lambda device: DeviceLimits(shared_bytes=64 * 1024))
+    geo_shape = SHAPE
+    x, beta, bases, weight = (torch.empty(32, 64, 56, 56), torch.empty(32, 36, 56, 56), torch.empty(6, 3, 3),
+                              torch.empty(64, 64, 6))
+    geo = validate_atom_conv2d(x, beta, bases, weight, None, 1, 1, 1, 1)
+    timed = []
+    cache = AutotuneCache(tmp_path / "cache", tmp_path / "tables")
+    lookup(cache, geo_shape, benchmark=lambda c: timed.append(c) or 1.0,
+           footprint=lambda c: forward_footprint(fit_forward_config(c, geo), geo_shape, torch.float16, "sm_90"))
+    fitting = [c for c in CANDIDATES if (c.block_o + c.block_p) * c.block_k * 2 <= 64 * 1024]
+    assert timed and set(timed) <= set(fitting) and len(timed) < len(CANDIDATES)
+
+
+# --- pruning --------------------------------------------------------------------------------
+
+# From `python -m perf.static_report --json` (Triton 3.9) on its problem: N=32, C_in=C_out=64,
+# 56x56, M=6, K=3 -- (arch, dtype, block_p, block_o, block_k, num_warps, shared_bytes,
+# registers, spill_bytes).
+STATIC_REPORT = [
+    ("sm_80", torch.float16, 32, 64, 128, 4, 24576, 150, 0),
+    ("sm_80", torch.float16, 64, 64, 128, 8, 32768, 128, 56),
+    ("sm_80", torch.float16, 64, 16, 256, 4, 40960, 255, 0),
+    ("sm_80", torch.float32, 64, 16, 256, 4, 81920, 255, 128),
+    ("sm_80", torch.float32, 64, 64, 256, 8, 131072, 236, 0),
+    ("sm_90", torch.bfloat16, 64, 64, 256, 8, 65536, 190, 0),
+    ("sm_90", torch.float16, 128, 128, 128, 8, 49152, 218, 0),
+    ("sm_90", torch.float32, 32, 64, 256, 4, 98304, 255, 1288),
+]
+
+
+@pytest.mark.parametrize("record", STATIC_REPORT, ids=lambda r: f"{r[0]}-{r[1]}-{r[2]}x{r[3]}x{r[4]}")
+def test_forward_footprint_matches_the_static_report(record):
+    arch, dtype, block_p, block_o, block_k, num_warps, shared, registers, spill = record
+    x, beta, bases, weight = (torch.empty(32, 64, 56, 56), torch.empty(32, 36, 56, 56), torch.empty(6, 3, 3),
+                              torch.empty(64, 64, 6))
+    geo = validate_atom_conv2d(x, beta, bases, weight, None, 1, 1, 1, 1)
+    config = ForwardConfig(block_p, block_o, block_k, num_warps, 1)
+    footprint = forward_footprint(fit_forward_config(config, geo), layer_shape(geo), dtype, arch)
+    assert footprint.shared_bytes == shared
+    assert footprint.registers <= registers + spill / 4  # a lower bound of what the live tiles need
+    assert footprint.threads == 32 * num_warps and footprint.fill == 1.0
+
+
+def test_prune_drops_what_does_not_fit_spills_duplicates_or_is_mostly_padding():
+    limits = DeviceLimits(shared_bytes=1000, registers_per_thread=100, registers_per_block=100 * 64)
+    costs = {
+        "ok": Footprint("a", 64, 1000, 100, 1.0),
+        "same_launch": Footprint("a", 64, 10, 10, 1.0),
+        "too_much_shared": Footprint("b", 64, 1001, 10, 1.0),
+        "too_many_registers": Footprint("c", 32, 10, 101, 1.0),
+        "too_many_per_block": Footprint("d", 128, 10, 60, 1.0),
+        "spills": Footprint("e", 64, 10, 10, 1.0),
+        "half_padding": Footprint("f", 64, 10, 10, 0.5),
+        "mostly_padding": Footprint("g", 64, 10, 10, 0.4),
+    }
+    candidates = [{"name": i} for i in range(len(costs))]
+    names = list(costs)
+    kept = prune_candidates(candidates, lambda c: costs[names[c["name"]]], limits,
+                            known_spilling=[{"name": names.index("spills")}])
+    assert [names[c["name"]] for c in kept] == ["ok", "half_padding"]
+    # When everything is mostly padding, the best-filled ones stay.
+    padded = [{"name": 0}, {"name": 1}]
+    fills = [Footprint("a", 32, 1, 1, 0.1), Footprint("b", 32, 1, 1, 0.02)]
+    assert prune_candidates(padded, lambda c: fills[c["name"]], limits) == [{"name": 0}]
+
+
+def test_spilling_configs_come_from_static_report_records():
+    records = [{"kernel": KERNEL, "arch": arch, "dtype": str(dtype).removeprefix("torch."),
+                "config": ForwardConfig(p, o, k, w, 1).as_dict(), "spill_bytes": spill}
+               for arch, dtype, p, o, k, w, _, _, spill in STATIC_REPORT]
+    assert autotune_cache.spilling_configs(records, KERNEL, torch.float16, "sm_80") == [
+        ForwardConfig(64, 64, 128, 8, 1).as_dict()]
+    assert autotune_cache.spilling_configs(records, KERNEL, torch.bfloat16, "sm_90") == []
+    assert autotune_cache.spilling_configs(records, "other", torch.float32, "sm_90") == []
+
+
+def test_real_forward_candidates_on_a_tiny_problem_prune_to_a_few_launches():
+    x, beta, bases, weight = torch.empty(1, 4, 5, 5), torch.empty(1, 12, 5, 5), torch.empty(4, 3, 3), torch.empty(6, 4, 3)
+    geo = validate_atom_conv2d(x, beta, bases, weight, None, 1, 1, 1, 1)
+    candidates = (DEFAULT_FORWARD[torch.float16, "sm_80"], *forward_candidates("narrow"))
+
+    def footprint(config):
+        return forward_footprint(fit_forward_config(config, geo), layer_shape(geo), torch.float16, "sm_80")
+
+    kept = prune_candidates(candidates, footprint, DeviceLimits(shared_bytes=163 * 1024))
+    launches = [footprint(c).launch for c in kept]
+    assert kept[0] == candidates[0] and len(set(launches)) == len(kept) < len(set(candidates))
+    # 25 pixels: 128-pixel tiles would be 80 % padding where 32-pixel tiles are 22 %.
+    assert all(fit_forward_config(c, geo).BLOCK_P <= 64 for c in kept)
+
+
+# --- robustness -----------------------------------------------------------------------------
+
+DAMAGED = {
+    "truncated": lambda p: p.write_text('{"schema": 1, "gpu": "nvidia-test-gpu", "entr'),
+    "wrong_schema": lambda p: p.write_text(json.dumps({"schema": 99, "gpu": GPU, "triton": "3.6.0", "entries": []})),
+    "binary": lambda p: p.write_bytes(bytes(range(256)) * 4),
+    "not_an_object": lambda p: p.write_text("[1, 2, 3]"),
+    "directory": lambda p: p.mkdir(),
+    "bad_entries": lambda p: p.write_text(json.dumps({"schema": SCHEMA, "gpu": GPU, "triton": "3.6.0", "entries": [
+        {"kernel": KERNEL, "dtype": "float16", "bucket": {"pixels": 3}, "config": TABLED.as_dict()},
+        {"kernel": KERNEL, "dtype": "float16", "bucket": {"pixels": 4}, "config": {"block_p": True}}, 7]})),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED, ids=list(DAMAGED))
+@pytest.mark.parametrize("place", ["table", "learned"])
+def test_damaged_files_give_one_warning_and_no_exception(tmp_path, fake_gpu, damage, place):
+    cache = AutotuneCache(tmp_path / "cache", tmp_path / "tables")
+    path = cache.learned_path(GPU) if place == "learned" else tmp_path / "tables" / "gpu.json"
+    path.parent.mkdir(parents=True)
+    DAMAGED[damage](path)
+    with pytest.warns(RuntimeWarning, match="atomconv autotune cache") as caught:
+        assert lookup(cache, benchmark=None) == DEFAULT
+        assert lookup(cache, scaled(SHAPE, atoms=2), benchmark=None) == DEFAULT
+        cache.files(path.parent)  # what `show` reads: no second warning either
+    assert len(caught) == 1 and str(path) in str(caught[0].message)
+
+
+def test_learned_entries_of_another_triton_version_are_ignored(tmp_path, fake_gpu):
+    cache = AutotuneCache(tmp_path / "cache", tmp_path / "tables")
+    write_file(cache.learned_path(GPU), entry(LEARNED), triton="0.0.1")
+    with pytest.warns(RuntimeWarning, match="Triton 0.0.1"):
+        assert lookup(cache, benchmark=None) == DEFAULT
+    # Benchmarking replaces the stale file with one for the running version.
+    with pytest.warns(RuntimeWarning, match="Triton 0.0.1"):
+        assert lookup(AutotuneCache(tmp_path / "cache", tmp_path / "tables"),
+                      benchmark=lambda c: 0.5 if c == NEAR else 1.0) == NEAR
+    assert json.loads(cache.learned_path(GPU).read_text())["triton"] == cache_module.triton_version()
+
+
+def test_an_unwritable_cache_dir_falls_back_to_memory(tmp_path, fake_gpu):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cache = AutotuneCache(blocker / "cache", tmp_path / "tables")  # cannot be created under a file
+    with pytest.warns(RuntimeWarning, match="kept in memory") as caught:
+        assert lookup(cache, benchmark=lambda c: 0.5 if c == NEAR else 1.0) == NEAR
+        assert lookup(cache, scaled(SHAPE, pixels=2), benchmark=lambda c: 0.5 if c == TABLED else 1.0) == TABLED
+    assert len(caught) == 1
+    assert lookup(cache, scaled(SHAPE, pixels=2) | {"taps": 10}, benchmark=never) == TABLED  # same bucket, from memory
+
+
+def test_the_interpreter_always_gets_the_default_and_never_benchmarks(tmp_path, fake_gpu, monkeypatch):
+    cache = AutotuneCache(tmp_path / "cache", tmp_path / "tables")
+    write_file(cache.learned_path(GPU), entry(LEARNED))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert lookup(cache) == DEFAULT
+    assert lookup(cache, scaled(SHAPE, pixels=64)) == DEFAULT
+
+
+def test_autotune_off_uses_tables_and_defaults_only(tmp_path, fake_gpu, monkeypatch):
+    tables = tmp_path / "tables"
+    write_file(tables / "gpu.json", entry(TABLED))
+    cache = AutotuneCache(tmp_path / "cache", tables)
+    write_file(cache.learned_path(GPU), entry(LEARNED))
+    monkeypatch.setenv("ATOMCONV_AUTOTUNE", "0")
+    assert lookup(cache) == TABLED
+    assert lookup(cache, dtype=torch.bfloat16) == DEFAULT
+
+
+def test_off_cuda_without_a_gpu_name_the_default_is_used(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert keys.gpu_name(CPU) is None
+    assert lookup(AutotuneCache(tmp_path / "cache", tmp_path / "tables")) == DEFAULT
+
+
+# --- concurrent writers ---------------------------------------------------------------------
+
+WRITERS, WRITES = 4, 12
+
+
+def _writer(path: str, writer: int) -> None:
+    warn = OnceWarner()
+    for i in range(WRITES):
+        own = Entry(KERNEL, "float16", (("pixels", 2 ** i), ("writer", 2 ** writer)), {"writer": writer})
+        shared = Entry(KERNEL, "float16", (("pixels", 1),), {"writer": writer})
+        merge_into_file(Path(path), GPU, "3.6.0", [own, shared], warn)
+
+
+def _reader(path: str, stop, failures) -> None:
+    while not stop.is_set():
+        try:
+            json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            continue
+        except ValueError:
+            failures.value += 1
+
+
+def test_concurrent_writers_never_leave_a_partial_file_and_lose_nothing(tmp_path):
+    path = str(tmp_path / "learned.json")
+    context = multiprocessing.get_context("fork")  # the children only write files: no torch threads involved
+    stop, failures = context.Event(), context.Value("i", 0)
+    reader = context.Process(target=_reader, args=(path, stop, failures))
+    reader.start()
+    writers = [context.Process(target=_writer, args=(path, w)) for w in range(WRITERS)]
+    for process in writers:
+        process.start()
+    for process in writers:
+        process.join(60)
+    stop.set()
+    reader.join(60)
+    assert [p.exitcode for p in writers] == [0] * WRITERS and failures.value == 0
+    content = read_cache_file(Path(path), OnceWarner())
+    # Every writer's own entries survive (read-merge-write under the lock); the shared key
+    # holds one writer's value (the last writer wins per key).
+    assert len(content.entries) == WRITERS * WRITES + 1
+    assert content.entries[KERNEL, "float16", (("pixels", 1),)].config["writer"] in range(WRITERS)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# --- end to end with the real forward kernel (interpreted) ----------------------------------
+
+def test_the_forward_kernel_runs_with_the_config_the_cache_learns(tmp_path, fake_gpu, monkeypatch):
+    monkeypatch.setattr(cache_module, "device_limits", lambda device: DeviceLimits(shared_bytes=163 * 1024))
+    # The kernel runs in the interpreter, while the cache is told it is not (to let it benchmark).
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(cache_module, "interpreting", lambda: False)
+    g = torch.Generator().manual_seed(0)
+    x, beta = torch.randn(1, 4, 5, 5, generator=g), torch.randn(1, 12, 5, 5, generator=g)
+    bases, weight, bias = torch.randn(4, 3, 3, generator=g), torch.randn(6, 4, 3, generator=g), torch.randn(6, generator=g)
+    geo = validate_atom_conv2d(x, beta, bases, weight, bias, 1, 1, 1, 1)
+    from kernels.forward import launch_forward
+
+    expected = atom_conv2d_reference(x, beta, bases, weight, bias, geo)
+    outputs = {}
+
+    def benchmark(config):  # runs the real kernel; the "time" favours 8 warps, then small pixel tiles
+        outputs[config] = launch_forward(x, beta, bases, weight, bias, geo, config=config)
+        return config.block_p / config.num_warps
+
+    shape = layer_shape(geo)
+    default = DEFAULT_FORWARD[torch.float32, "sm_80"]
+    chosen = AutotuneCache(tmp_path / "cache", tmp_path / "tables").get_config(
+        KERNEL, device=CPU, dtype=torch.float32, shape=shape, candidates=forward_candidates("narrow"),
+        default=default, benchmark=benchmark,
+        footprint=lambda c: forward_footprint(fit_forward_config(c, geo), shape, torch.float32, "sm_80"))
+    assert chosen == min(outputs, key=lambda c: c.block_p / c.num_warps) and default in outputs
+    for config, y in outputs.items():
+        torch.testing.assert_close(y, expected, msg=lambda m: f"{config}: {m}")
+
+
+# --- layer shapes for `tune` ----------------------------------------------------------------
+
+def test_model_layer_shapes_follow_every_atom_conv2d():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          AtomConv2d(8, 16, 3, padding=1, stride=2, num_atoms=4), nn.ReLU(),
+                          AtomConv2d(16, 16, 5, padding=2, groups=2))
+    (first_name, first), (second_name, second) = model_layer_shapes(model, (2, 3, 17, 17))
+    assert (first_name, first.in_size, first.stride, first.num_atoms, first.num_bases) == ("3", (17, 17), (2, 2), 4, 4)
+    assert (second_name, second.in_size, second.out_size(), second.groups, second.num_bases) == ("5", (9, 9), (9, 9), 2, 12)
+
+
+def test_parse_shape():
+    layer = parse_shape("8,64,32,28,30,3,6,2")
+    assert (layer.batch, layer.in_channels, layer.out_channels, layer.in_size) == (8, 64, 32, (28, 30))
+    assert (layer.kernel_size, layer.num_atoms, layer.num_bases, layer.groups, layer.padding) == (3, 6, 6, 2, (1, 1))
+    for bad in ("8,64,32,28,30,3", "8,64,x,28,30,3,6", "8,64,32,28,30,3,6,5"):
+        with pytest.raises(ValueError, match="--shape"):
+            parse_shape(bad)
+
+
+# --- command line ---------------------------------------------------------------------------
+
+@pytest.fixture
+def cli_cache(tmp_path, monkeypatch):
+    """ATOMCONV_CACHE_DIR pointing at a learned file of two entries for GPU."""
+    monkeypatch.setenv("ATOMCONV_CACHE_DIR", str(tmp_path / "cache"))
+    cache = AutotuneCache(tmp_path / "cache")
+    write_file(cache.learned_path(GPU), entry(LEARNED, ms=0.5, default_ms=0.75),
+               entry(NEAR, scaled(SHAPE, pixels=4), dtype="bfloat16"))
+    return cache
+
+
+def test_cli_show_lists_shipped_and_learned_entries(cli_cache, tmp_path, monkeypatch, capsys):
+    write_file(tmp_path / "tables" / "shipped.json", entry(TABLED), triton="3.6.0")
+    monkeypatch.setattr(cache_module, "TABLES_DIR", tmp_path / "tables")
+    assert cli.main(["show"]) == 0
+    out = capsys.readouterr().out
+    assert str(cli_cache.learned_dir) in out and str(tmp_path / "tables") in out
+    rows = [line for line in out.splitlines() if line.startswith("learned:")]
+    assert len(rows) == 2 and all(GPU in row and KERNEL in row for row in rows)
+    assert any("1.50x" in row and "block_p=" in row for row in rows)
+    [shipped] = [line for line in out.splitlines() if line.startswith("table:shipped.json")]
+    assert "3.6.0" in shipped and f"block_p={TABLED.block_p} block_o={TABLED.block_o}" in shipped
+
+
+def test_cli_export_writes_a_table_the_cache_ships(cli_cache, tmp_path, fake_gpu, capsys):
+    out = tmp_path / "ship" / "test.json"
+    assert cli.main(["export", "--gpu", "NVIDIA Test GPU", "--out", str(out)]) == 0
+    table_only = AutotuneCache(tmp_path / "no-learned", out.parent)
+    assert lookup(table_only, benchmark=None) == LEARNED
+    assert lookup(table_only, scaled(SHAPE, pixels=4), dtype=torch.bfloat16, benchmark=None) == NEAR
+    assert cli.main(["export", "--gpu", "another", "--out", str(out)]) == 1
+    assert "no learned entries" in capsys.readouterr().err
+
+
+def test_cli_clear_removes_learned_files(cli_cache, capsys):
+    other = write_file(cli_cache.learned_dir / "nvidia-other.triton-3.6.0.json", entry(TABLED))
+    crashed_writer_left = cli_cache.learned_dir / f".{cli_cache.learned_path(GPU).name}.x1y2.tmp"
+    crashed_writer_left.write_text('{"schema": 1, "gp')
+    assert cli.main(["clear", "--gpu", "nvidia other"]) == 0
+    assert not other.exists() and cli_cache.learned_path(GPU).exists() and crashed_writer_left.exists()
+    assert cli.main(["clear"]) == 0
+    assert not list(cli_cache.learned_dir.iterdir())
+    assert cli.main(["show"]) == 0
+    assert "no shipped tables and no learned entries" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_cli_tune_without_a_gpu_says_so(capsys):
+    assert cli.main(["tune", "--shape", "1,8,8,8,8,3,4"]) == 1
+    assert "no CUDA GPU" in capsys.readouterr().err
+    assert cli.main(["tune"]) == 2  # nothing to tune: an argument error comes first
+    assert cli.main(["tune", "--model", "no_such_module:f", "--input-size", "1,3,8,8"]) == 2
+
+
+def test_cli_runs_as_a_module(cli_cache):
+    result = subprocess.run([sys.executable, "-m", "autotune_cache", "show"], capture_output=True, text=True,
+                            env=os.environ | {"ATOMCONV_CACHE_DIR": str(cli_cache.learned_dir.parent)}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("learned:") == 2

@@ -52,14 +52,18 @@ def atom_times_features(x_padded: torch.Tensor, atoms: torch.Tensor, geo: AtomCo
     return z
 
 
+def grouped_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """weight [C_out, C_in/G, M] -> [G, C_out/G, M*C_in/G], columns in Z's (m, c) order."""
+    c_out, c_in_g, m = weight.shape
+    return weight.view(groups, c_out // groups, c_in_g, m).transpose(2, 3).reshape(groups, c_out // groups, -1)
+
+
 def coefficient_sum(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Stage 3. Z [n, h, w, G, M, C_in/G], weight [C_out, C_in/G, M], bias [C_out] or None
     -> y [n, h, w, C_out]."""
     n, h, w, groups, m, c_in_g = z.shape
-    c_out = weight.shape[0]
-    # weight[o, c, m] as [G, C_out/G, M*C_in/G], matching Z's (m, c) order within a group.
-    weight = weight.view(groups, c_out // groups, c_in_g, m).transpose(2, 3).reshape(groups, c_out // groups, -1)
-    y = torch.einsum("pgk,gok->pgo", z.reshape(-1, groups, m * c_in_g), weight).reshape(n, h, w, c_out)
+    y = torch.einsum("pgk,gok->pgo", z.reshape(-1, groups, m * c_in_g), grouped_weight(weight, groups))
+    y = y.reshape(n, h, w, weight.shape[0])
     return y if bias is None else y + bias
 
 
@@ -110,15 +114,101 @@ def atom_conv2d_reference(
     )
     bases, weight = bases.to(ctype), weight.to(ctype)
     bias = None if bias is None else bias.to(ctype)
-    (kh, _), (sh, _), (ph, pw), (dh, _) = geo.kernel_size, geo.stride, geo.padding, geo.dilation
-    h = geo.in_size[0]
     plan = chunk_plan(geo, chunk_bytes_per_row(geo, torch.finfo(ctype).bits // 8), max_chunk_bytes)
     for n0, n1, r0, r1 in plan:
-        # Input rows this chunk reads, clipped to the image; what is clipped becomes zero padding.
-        top, bottom = r0 * sh - ph, (r1 - 1) * sh - ph + dh * (kh - 1) + 1
-        x_rows = x[n0:n1, :, max(top, 0) : min(bottom, h)].permute(0, 2, 3, 1).to(ctype)
-        x_padded = F.pad(x_rows, (0, 0, pw, pw, max(-top, 0), max(bottom - h, 0)))  # [n, rows, W+2pw, C]
+        x_padded, _ = padded_input_rows(x, geo, n0, n1, r0, r1, ctype)
         atoms = basis_to_atom(atom_coeff[n0:n1, :, r0:r1].to(ctype), bases, geo.num_atoms)
         z = atom_times_features(x_padded, atoms, geo)
         y[n0:n1, :, r0:r1] = coefficient_sum(z, weight, bias).permute(0, 3, 1, 2)
     return y
+
+
+def padded_input_rows(x: torch.Tensor, geo: AtomConvGeometry, n0: int, n1: int, r0: int, r1: int,
+                      ctype: torch.dtype) -> tuple[torch.Tensor, tuple[slice, slice]]:
+    """The input rows that output rows [r0, r1) of samples [n0, n1) read, as x_padded
+    [n, rows, W + 2*pad_w, C_in] in ctype, zero outside the image; and (image rows, padded rows),
+    the slices where the image part sits in x (dim 2) and in x_padded (dim 1)."""
+    (kh, _), (sh, _), (ph, pw), (dh, _) = geo.kernel_size, geo.stride, geo.padding, geo.dilation
+    h = geo.in_size[0]
+    top, bottom = r0 * sh - ph, (r1 - 1) * sh - ph + dh * (kh - 1) + 1
+    image_rows = slice(max(top, 0), max(min(bottom, h), max(top, 0)))
+    x_rows = x[n0:n1, :, image_rows].permute(0, 2, 3, 1).to(ctype)
+    x_padded = F.pad(x_rows, (0, 0, pw, pw, max(-top, 0), max(bottom - max(h, top), 0)))
+    padded_rows = slice(max(-top, 0), max(-top, 0) + x_rows.shape[1])
+    return x_padded, (image_rows, padded_rows)
+
+
+def atom_conv2d_reference_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    atom_coeff: torch.Tensor,
+    bases: torch.Tensor,
+    weight: torch.Tensor,
+    geo: AtomConvGeometry,
+    needs: tuple[bool, bool, bool, bool],
+    *,
+    max_chunk_bytes: int | None = DEFAULT_MAX_CHUNK_BYTES,
+) -> list[torch.Tensor | None]:
+    """Gradients of SPEC §1 with respect to (x, atom_coeff, bases, weight), each where `needs`
+    (same order) asks for it, else None; each in its input's dtype.
+
+    grad_y [N, C_out, H_out, W_out] (any strides), the rest as `atom_conv2d_reference`. Works
+    chunk by chunk like the forward, recomputing the chunk's atoms (and Z, for the weight's
+    gradient) instead of keeping anything from the forward, so its temporaries are bounded by
+    `max_chunk_bytes` too. Per chunk, with dZ = dy·weight (a GEMM):
+      d weight += dyᵀ·Z;   dA[tap] = Σ_c dZ·x_tap;   dx_tap += Σ_m dZ·A[tap];
+      d atom_coeff = dA projected on the bases;   d bases += Σ β·dA.
+    d bias is grad_y summed over (N, H_out, W_out), left to the caller.
+    """
+    need_x, need_coeff, need_bases, need_weight = needs
+    ctype = compute_dtype(x.dtype)
+    groups, m, num_bases = geo.groups, geo.num_atoms, geo.num_bases
+    (kh, kw), (sh, sw), (dh, dw), pw = geo.kernel_size, geo.stride, geo.dilation, geo.padding[1]
+    bases_c = bases.to(ctype).flatten(1)  # [L, KH*KW]
+    weight_g = grouped_weight(weight.to(ctype), groups)  # [G, C_out/G, M*C_in/G]
+    dx = x.new_zeros((geo.batch, *geo.in_size, geo.in_channels), dtype=ctype) if need_x else None
+    dcoeff = atom_coeff.new_empty(atom_coeff.shape, dtype=ctype) if need_coeff else None
+    dbases = bases_c.new_zeros(bases_c.shape) if need_bases else None
+    dweight = weight_g.new_zeros(weight_g.shape) if need_weight else None
+
+    plan = chunk_plan(geo, chunk_bytes_per_row(geo, torch.finfo(ctype).bits // 8), max_chunk_bytes)
+    for n0, n1, r0, r1 in plan:
+        x_padded, (image_rows, padded_rows) = padded_input_rows(x, geo, n0, n1, r0, r1, ctype)
+        beta = atom_coeff[n0:n1, :, r0:r1].to(ctype)
+        atoms = basis_to_atom(beta, bases_c.view(bases.shape), m)  # [T, n, h, w, M]
+        dy = grad_y[n0:n1, :, r0:r1].permute(0, 2, 3, 1).to(ctype)  # [n, h, w, C_out]
+        n, h, w, c_out = dy.shape
+        dy = dy.reshape(-1, groups, c_out // groups)
+        if need_weight:
+            z = atom_times_features(x_padded, atoms, geo)
+            dweight += torch.einsum("pgo,pgk->gok", dy, z.reshape(-1, groups, weight_g.shape[2]))
+        if not (need_x or need_coeff or need_bases):
+            continue
+        dz = torch.einsum("pgo,gok->pgk", dy, weight_g).view(n, h, w, groups, m, -1)
+        dx_padded = torch.zeros_like(x_padded) if need_x else None
+        datoms = atoms.new_empty(atoms.shape) if (need_coeff or need_bases) else None
+        for i in range(kh):
+            for j in range(kw):
+                rows = slice(i * dh, i * dh + (h - 1) * sh + 1, sh)
+                cols = slice(j * dw, j * dw + (w - 1) * sw + 1, sw)
+                if datoms is not None:
+                    tap = x_padded[:, rows, cols].unflatten(3, (groups, 1, -1))  # [n, h, w, G, 1, C_in/G]
+                    datoms[i * kw + j] = torch.mul(dz, tap).sum((3, 5))
+                if need_x:
+                    dx_tap = dx_padded[:, rows, cols].unflatten(3, (groups, -1))  # a view: [n, h, w, G, C_in/G]
+                    for a in range(m):
+                        dx_tap.addcmul_(dz[:, :, :, :, a], atoms[i * kw + j, ..., a, None, None])
+        if need_x:
+            dx[n0:n1, image_rows] += dx_padded[:, padded_rows, pw : pw + geo.in_size[1]]
+        if need_coeff:
+            dcoeff[n0:n1, :, r0:r1] = torch.einsum("tnhwm,lt->nmlhw", datoms, bases_c).reshape(n, m * num_bases, h, w)
+        if need_bases:
+            dbases += torch.einsum("nmlhw,tnhwm->lt", beta.reshape(n, m, num_bases, h, w), datoms)
+
+    c_out, c_in_g = weight.shape[:2]
+    return [
+        None if dx is None else dx.permute(0, 3, 1, 2).to(x.dtype),
+        None if dcoeff is None else dcoeff.to(atom_coeff.dtype),
+        None if dbases is None else dbases.view(bases.shape).to(bases.dtype),
+        None if dweight is None else dweight.view(c_out, m, c_in_g).transpose(1, 2).to(weight.dtype),
+    ]

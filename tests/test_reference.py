@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from atomconv import atom_conv2d
-from atomconv.reference import atom_conv2d_reference, chunk_bytes_per_row, chunk_plan
+from atomconv.reference import atom_conv2d_reference, atom_conv2d_reference_backward, chunk_bytes_per_row, chunk_plan
 from atomconv.validation import validate_atom_conv2d
 
 from helpers import output_size, static_atom_problem
@@ -98,6 +98,36 @@ def test_chunked_equals_one_chunk(max_chunk_bytes):
     whole = atom_conv2d_reference(*args, geo, max_chunk_bytes=None)
     chunked = atom_conv2d_reference(*args, geo, max_chunk_bytes=max_chunk_bytes)
     torch.testing.assert_close(chunked, whole, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES[::3], ids=_ids)
+@pytest.mark.parametrize("max_chunk_bytes", [None, 1])
+def test_hand_written_backward_equals_autograd_of_forward(geometry, max_chunk_bytes):
+    kernel, stride, padding, dilation, groups, hw = geometry
+    x, coeff, bases, weight, _, _ = static_atom_problem(2, 4, 8, hw, kernel, stride, padding, dilation, groups)
+    coeff = torch.randn_like(coeff)  # atoms that change from pixel to pixel
+    geo = validate_atom_conv2d(x, coeff, bases, weight, None, stride, padding, dilation, groups)
+    grad_y = torch.randn(2, 8, *geo.out_size, dtype=torch.float64)
+    _, vjp = torch.func.vjp(lambda *a: atom_conv2d_reference(*a, None, geo), x, coeff, bases, weight)
+    expected = vjp(grad_y)
+    got = atom_conv2d_reference_backward(grad_y, x, coeff, bases, weight, geo, (True,) * 4, max_chunk_bytes=max_chunk_bytes)
+    for name, g, e in zip(("x", "atom_coeff", "bases", "weight"), got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10, msg=lambda m: f"d {name}: {m}")
+
+
+@pytest.mark.parametrize("needs", [(True, False, False, False), (False, True, False, False),
+                                   (False, False, True, False), (False, False, False, True)])
+def test_hand_written_backward_computes_only_what_is_asked(needs):
+    args = _pixel_varying_problem()[:4]
+    geo = validate_atom_conv2d(*args, None, 2, 1, 1, 2)
+    grad_y = torch.randn(3, 6, *geo.out_size[::-1], dtype=torch.float64).transpose(2, 3)  # not contiguous
+    every = atom_conv2d_reference_backward(grad_y, *args, geo, (True,) * 4)
+    only = atom_conv2d_reference_backward(grad_y, *args, geo, needs)
+    for want, g, full in zip(needs, only, every):
+        if want:
+            torch.testing.assert_close(g, full, rtol=0, atol=0)
+        else:
+            assert g is None
 
 
 @pytest.mark.parametrize("rows_per_chunk", [None, 4])

@@ -174,3 +174,11 @@ def test_auto_backend_on_cpu_is_reference():
     torch.testing.assert_close(
         atom_conv2d(*args, 2, 1, 1, 2), atom_conv2d(*args, 2, 1, 1, 2, backend="reference"), rtol=0, atol=0
     )
+
+
+def test_chunks_that_read_only_padding():
+    """Row chunks whose input window lies wholly below the image (padding 3 on a 2-row image)."""
+    x, coeff, bases, weight, bias, static_weight = static_atom_problem(1, 2, 3, (2, 3), (1, 3), 1, 3, 1, 1)
+    geo = validate_atom_conv2d(x, coeff, bases, weight, bias, 1, 3, 1, 1)
+    y = atom_conv2d_reference(x, coeff, bases, weight, bias, geo, max_chunk_bytes=1)
+    torch.testing.assert_close(y, F.conv2d(x, static_weight, bias, 1, 3), rtol=1e-12, atol=1e-12)

@@ -1,11 +1,11 @@
-"""`atom_conv2d`: the public operator (SPEC §4) and its dispatch between backends."""
+"""`atom_conv2d`: the public operator (SPEC §4), its dispatch between backends, and autocast."""
 
 from __future__ import annotations
 
 import torch
 
-from .reference import atom_conv2d_reference
-from .validation import AtomConvGeometry, validate_atom_conv2d
+from .op import atom_conv2d_op
+from .validation import validate_atom_conv2d
 
 BACKENDS = ("auto", "triton", "reference")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -33,40 +33,36 @@ def atom_conv2d(
 
     backend:
       "reference": plain PyTorch, any device and dtype.
-      "triton": the fused Triton forward kernel (float16/bfloat16/float32). It needs CUDA
-        tensors, or CPU tensors with TRITON_INTERPRET=1 set before `kernels` is imported;
-        otherwise it raises. Its backward is not fused yet: gradients are computed by
-        recomputing the reference path inside an autograd.Function (correct, not fast).
+      "triton": the fused Triton kernels, forward and backward (float16/bfloat16/float32).
+        They need CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before `kernels` is
+        imported; otherwise it raises.
       "auto": "triton" for CUDA tensors of a kernel dtype, "reference" otherwise.
-    Differentiable in every tensor argument.
+    Both run as the registered op `atomconv::atom_conv2d` (see `atomconv.op`), which autograd
+    and `torch.compile(fullgraph=True)` treat as one op. Differentiable in every tensor
+    argument (once: no double backward).
+
+    Autocast: inside `torch.autocast(device_type)` regions where it is enabled, the tensors are
+    cast once to that region's dtype (`torch.get_autocast_dtype`, e.g. float16 or bfloat16 on
+    CUDA, bfloat16 by default on CPU) and so is the output, the policy `nn.Conv2d` follows;
+    float64 tensors are left alone, as autocast leaves them.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    x, atom_coeff, bases, weight, bias = _autocast(x, atom_coeff, bases, weight, bias)
     geo = validate_atom_conv2d(x, atom_coeff, bases, weight, bias, stride, padding, dilation, groups)
-    if backend == "triton" or (backend == "auto" and x.is_cuda and x.dtype in TRITON_DTYPES):
-        return FusedForwardReferenceBackward.apply(x, atom_coeff, bases, weight, bias, geo)
-    return atom_conv2d_reference(x, atom_coeff, bases, weight, bias, geo)
+    if backend == "auto":
+        backend = "triton" if x.is_cuda and x.dtype in TRITON_DTYPES else "reference"
+    return atom_conv2d_op(x, atom_coeff, bases, weight, bias, list(geo.stride), list(geo.padding),
+                          list(geo.dilation), groups, backend)
 
 
-class FusedForwardReferenceBackward(torch.autograd.Function):
-    """Forward: the fused Triton kernel. Backward: autograd through the reference path on the
-    saved inputs (a stop-gap until the fused backward kernels land)."""
-
-    @staticmethod
-    def forward(ctx, x, atom_coeff, bases, weight, bias, geo: AtomConvGeometry):
-        from kernels.forward import launch_forward  # triton is imported only when this path is taken
-
-        ctx.geo = geo
-        ctx.save_for_backward(x, atom_coeff, bases, weight, bias)
-        return launch_forward(x, atom_coeff, bases, weight, bias, geo)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        with torch.enable_grad():
-            inputs = [
-                None if t is None else t.detach().requires_grad_(needed)
-                for t, needed in zip(ctx.saved_tensors, ctx.needs_input_grad)
-            ]
-            wanted = [t for t in inputs if t is not None and t.requires_grad]
-            grads = iter(torch.autograd.grad(atom_conv2d_reference(*inputs, ctx.geo), wanted, grad_y))
-        return (*[next(grads) if t is not None and t.requires_grad else None for t in inputs], None)
+def _autocast(*tensors):
+    """The tensors cast to the autocast dtype of their device type where autocast is on there
+    (floating tensors other than float64, as autocast casts); unchanged otherwise. Non-tensors
+    pass through for validation to name."""
+    x = tensors[0]
+    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in tensors)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .validation import AtomConvGeometry
+from .validation import AtomConvGeometry, output_layout
 
 DEFAULT_MAX_CHUNK_BYTES = 16 * 2**20
 
@@ -107,10 +107,8 @@ def atom_conv2d_reference(
     bounded by `max_chunk_bytes` (None: the whole output in one chunk).
     """
     ctype = compute_dtype(x.dtype)
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     y = torch.empty(
-        (geo.batch, geo.out_channels, *geo.out_size), dtype=x.dtype, device=x.device,
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format,
+        (geo.batch, geo.out_channels, *geo.out_size), dtype=x.dtype, device=x.device, memory_format=output_layout(x)
     )
     bases, weight = bases.to(ctype), weight.to(ctype)
     bias = None if bias is None else bias.to(ctype)
@@ -184,7 +182,7 @@ def atom_conv2d_reference_backward(
             dweight += torch.einsum("pgo,pgk->gok", dy, z.reshape(-1, groups, weight_g.shape[2]))
         if not (need_x or need_coeff or need_bases):
             continue
-        dz = torch.einsum("pgo,gok->pgk", dy, weight_g).view(n, h, w, groups, m, -1)
+        dz = torch.einsum("pgo,gok->pgk", dy, weight_g).view(n, h, w, groups, m, weight.shape[1])
         dx_padded = torch.zeros_like(x_padded) if need_x else None
         datoms = atoms.new_empty(atoms.shape) if (need_coeff or need_bases) else None
         for i in range(kh):

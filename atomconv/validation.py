@@ -47,6 +47,13 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def output_layout(t: torch.Tensor) -> torch.memory_format:
+    """The layout an output shaped like t gets: channels_last for a channels_last 4-D t (a
+    1-channel one counts as contiguous), contiguous otherwise; the kernels follow the same rule."""
+    channels_last = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def _check_tensor(t, name: str, rank: int, meaning: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -1,16 +1,24 @@
 """Launch configurations of the Triton kernels: the one place that says how a kernel is launched.
 
 A *config* is what a tuner chooses (block sizes, warps, pipeline stages). It is fitted to a
-problem (`fit_forward_config`) to give the constexprs the kernel is compiled with. Until tuning
-data exists (a later issue adds benchmarking and a persistent cache on top of
-`pick_forward_config`), the launcher uses one default config per (dtype, arch).
+problem (`fit_forward_config`) to give the constexprs the kernel is compiled with. Each launcher
+asks `tuned_config` (the `autotune_cache`: learned or shipped per GPU, dtype and shape bucket,
+else benchmarked once) and falls back to its `pick_*_config` default per (dtype, arch), which is
+also what runs under the interpreter.
+
+The backward kernels (kernels/backward.py) tile the same way as the forward (pixels x channels x
+a reduction chunk of M_PAD x channels), so they take the same `ForwardConfig` and the same fit;
+each has its own candidates, defaults and `pick_*_config`.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
 
 import torch
+
+import autotune_cache
 
 from atomconv.validation import AtomConvGeometry
 
@@ -52,7 +60,8 @@ class ForwardLaunch:
     num_stages: int
 
 
-def _pow2_at_least(n: int) -> int:
+def pow2_at_least(n: int) -> int:
+    """The smallest power of two >= n (Triton block shapes are powers of two)."""
     return 1 << max(0, n - 1).bit_length()
 
 
@@ -111,6 +120,18 @@ def all_forward_candidates() -> tuple[ForwardConfig, ...]:
     return tuple(dict.fromkeys(c for cls in ("narrow", "wide") for c in forward_candidates(cls)))
 
 
+def tuned_config(kernel: str, x: torch.Tensor, geo: AtomConvGeometry, candidates: Sequence[ForwardConfig],
+                 default: ForwardConfig, run: Callable[[ForwardConfig], object],
+                 footprint: Callable[[ForwardConfig], object] | None = None) -> ForwardConfig:
+    """The config `kernel` launches with for this problem: the autotune cache's entry for x's GPU,
+    dtype and shape bucket, else the fastest of the pruned `candidates` when `run(config)` (one
+    launch) is benchmarked once, else `default`. Always `default` under the interpreter."""
+    return autotune_cache.get_config(
+        kernel, device=x.device, dtype=x.dtype, shape=autotune_cache.layer_shape(geo), candidates=candidates,
+        default=default, benchmark=lambda config: autotune_cache.time_launch(lambda: run(config)), footprint=footprint,
+    )
+
+
 def arch_of(device: torch.device) -> str:
     """"sm_90" for Hopper and newer, else "sm_80"; CPU (the interpreter) counts as "sm_80"."""
     if device.type != "cuda":
@@ -119,20 +140,117 @@ def arch_of(device: torch.device) -> str:
 
 
 def pick_forward_config(dtype: torch.dtype, arch: str) -> ForwardConfig:
-    """The config to launch with. No tuning data yet: the (dtype, arch) default (the tuning
-    cache will add the problem's shape class to the key)."""
+    """The forward's (dtype, arch) default: launched when the autotune cache knows nothing better."""
     return DEFAULT_FORWARD[dtype, arch]
 
 
 def fit_forward_config(config: ForwardConfig, geo: AtomConvGeometry) -> ForwardLaunch:
     """Fit a config to a problem: pad M to a power of two, and shrink the channel blocks to
     the group's channels, but never below the smallest tensor-core dot."""
-    m_pad = _pow2_at_least(geo.num_atoms)
+    m_pad = pow2_at_least(geo.num_atoms)
     c_in_g, c_out_g = geo.in_channels // geo.groups, geo.out_channels // geo.groups
-    block_c = max(1, min(config.block_k // m_pad, _pow2_at_least(c_in_g)))
+    block_c = max(1, min(config.block_k // m_pad, pow2_at_least(c_in_g)))
     block_c = max(block_c, MIN_DOT_SIZE // m_pad)  # padded channels are masked to zero
-    block_o = max(MIN_DOT_SIZE, min(config.block_o, _pow2_at_least(c_out_g)))
+    block_o = max(MIN_DOT_SIZE, min(config.block_o, pow2_at_least(c_out_g)))
     return ForwardLaunch(
         BLOCK_P=max(MIN_DOT_SIZE, config.block_p), BLOCK_O=block_o, BLOCK_C=block_c, M_PAD=m_pad,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
+
+
+# --- Backward kernels -------------------------------------------------------------------------
+# What the fields mean for each (see kernels/backward.py):
+#   dβ (coeff grad): block_p output pixels; block_o output channels one dZ dot reduces over;
+#                    block_k = M_PAD x input channels of one dZ chunk [block_k, block_p].
+#   dα (weight grad): block_p pixels per step of the pixel reduction (the dot's reduction);
+#                    block_o output channels and block_k = M_PAD x input channels of the α tile.
+#   dx (input grad): fitted to the transposed geometry (`backward.transposed_geometry`):
+#                    block_p input pixels; block_o input channels; block_k = M_PAD x output
+#                    channels of one U chunk [block_k, block_p].
+# Per thread, dβ holds dZ (block_k * block_p / threads fp32) plus its accumulator of M_PAD * L_PAD
+# per pixel; dα holds Z and the α tile's accumulator; dx holds U and dx's accumulator.
+_COEFF_GRAD = (
+    ForwardConfig(block_p=32, block_o=32, block_k=128, num_warps=4, num_stages=1),
+    ForwardConfig(block_p=16, block_o=32, block_k=128, num_warps=4, num_stages=1),
+    ForwardConfig(block_p=32, block_o=32, block_k=64, num_warps=4, num_stages=1),
+    ForwardConfig(block_p=64, block_o=32, block_k=64, num_warps=8, num_stages=1),
+)
+_WEIGHT_GRAD = (
+    ForwardConfig(block_p=32, block_o=64, block_k=128, num_warps=4, num_stages=1),
+    ForwardConfig(block_p=32, block_o=32, block_k=128, num_warps=4, num_stages=1),
+    ForwardConfig(block_p=16, block_o=64, block_k=128, num_warps=4, num_stages=1),
+    ForwardConfig(block_p=64, block_o=64, block_k=64, num_warps=8, num_stages=1),
+    ForwardConfig(block_p=64, block_o=128, block_k=128, num_warps=8, num_stages=1),
+)
+_INPUT_GRAD = _WIDE + _NARROW  # the forward's tiles, on the transposed problem
+
+# Defaults: each compiles without spills for sm_80 and sm_90 with Triton 3.6 and 3.9 alike (the
+# dβ one also when it reduces dΨ too). Wide output-channel tiles (block_o=64) let the dα kernel
+# rebuild each Z tile once for C_out <= 64, as the forward does.
+_COEFF_16BIT = {"sm_80": ForwardConfig(block_p=32, block_o=64, block_k=128, num_warps=8, num_stages=1),
+                "sm_90": ForwardConfig(block_p=64, block_o=64, block_k=128, num_warps=8, num_stages=1)}
+_COEFF_FP32 = {"sm_80": ForwardConfig(block_p=32, block_o=32, block_k=64, num_warps=8, num_stages=1),
+               "sm_90": ForwardConfig(block_p=32, block_o=64, block_k=128, num_warps=8, num_stages=1)}
+DEFAULT_COEFF_GRAD: dict[tuple[torch.dtype, str], ForwardConfig] = {
+    (dtype, arch): (_COEFF_FP32 if dtype == torch.float32 else _COEFF_16BIT)[arch]
+    for dtype in KERNEL_DTYPES for arch in ARCHS
+}
+_WEIGHT_16BIT = ForwardConfig(block_p=64, block_o=64, block_k=128, num_warps=8, num_stages=1)
+_WEIGHT_FP32 = ForwardConfig(block_p=32, block_o=64, block_k=64, num_warps=4, num_stages=1)
+DEFAULT_WEIGHT_GRAD: dict[tuple[torch.dtype, str], ForwardConfig] = {
+    (dtype, arch): _WEIGHT_FP32 if dtype == torch.float32 else _WEIGHT_16BIT
+    for dtype in KERNEL_DTYPES for arch in ARCHS
+}
+# The forward's defaults, but for float32 on sm_90, whose forward default spills in dx with Triton 3.6.
+DEFAULT_INPUT_GRAD: dict[tuple[torch.dtype, str], ForwardConfig] = {
+    **DEFAULT_FORWARD,
+    (torch.float32, "sm_90"): ForwardConfig(block_p=64, block_o=64, block_k=64, num_warps=4, num_stages=1),
+}
+
+
+def _defaults_first(defaults: dict, own: tuple[ForwardConfig, ...]) -> tuple[ForwardConfig, ...]:
+    return tuple(dict.fromkeys((*defaults.values(), *own)))
+
+
+def coeff_grad_candidates() -> tuple[ForwardConfig, ...]:
+    """Configs a tuner tries for the dβ kernel; the defaults are among them."""
+    return _defaults_first(DEFAULT_COEFF_GRAD, _COEFF_GRAD)
+
+
+def weight_grad_candidates() -> tuple[ForwardConfig, ...]:
+    """Configs a tuner tries for the dα kernel; the defaults are among them."""
+    return _defaults_first(DEFAULT_WEIGHT_GRAD, _WEIGHT_GRAD)
+
+
+def input_grad_candidates() -> tuple[ForwardConfig, ...]:
+    """Configs a tuner tries for the dx kernel; the defaults are among them."""
+    return _defaults_first(DEFAULT_INPUT_GRAD, _INPUT_GRAD)
+
+
+def pick_coeff_grad_config(dtype: torch.dtype, arch: str) -> ForwardConfig:
+    """The dβ kernel's (dtype, arch) default: launched when the autotune cache knows nothing better."""
+    return DEFAULT_COEFF_GRAD[dtype, arch]
+
+
+def pick_weight_grad_config(dtype: torch.dtype, arch: str) -> ForwardConfig:
+    """The dα kernel's (dtype, arch) default: launched when the autotune cache knows nothing better."""
+    return DEFAULT_WEIGHT_GRAD[dtype, arch]
+
+
+def pick_input_grad_config(dtype: torch.dtype, arch: str) -> ForwardConfig:
+    """The dx kernel's (dtype, arch) default: launched when the autotune cache knows nothing better."""
+    return DEFAULT_INPUT_GRAD[dtype, arch]
+
+
+def weight_grad_splits(geo: AtomConvGeometry, launch: ForwardLaunch, target_programs: int) -> int:
+    """How many programs share the pixel reduction of one α tile in the dα kernel: enough for
+    about target_programs programs in all, at most one per pixel tile, at least one. Each split
+    writes one float32 partial of α, so the scratch is about target_programs α tiles."""
+    c_in_g, c_out_g = geo.in_channels // geo.groups, geo.out_channels // geo.groups
+    alpha_tiles = geo.groups * _cdiv(c_out_g, launch.BLOCK_O) * _cdiv(c_in_g, launch.BLOCK_C)
+    pixel_tiles = _cdiv(geo.batch * geo.out_size[0] * geo.out_size[1], launch.BLOCK_P)
+    return max(1, min(pixel_tiles, _cdiv(target_programs, alpha_tiles)))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)

@@ -31,11 +31,14 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+import autotune_cache
 from triton.runtime.interpreter import InterpretedFunction
 
-from atomconv.validation import AtomConvGeometry, validate_atom_conv2d
+from atomconv.validation import AtomConvGeometry, output_layout, validate_atom_conv2d
 
-from .configs import KERNEL_DTYPES, ForwardConfig, ForwardLaunch, arch_of, fit_forward_config, pick_forward_config
+from .configs import (KERNEL_DTYPES, ForwardConfig, ForwardLaunch, arch_of, fit_forward_config, forward_candidates,
+                      forward_shape_class, pick_forward_config, tuned_config)
 
 
 @triton.jit
@@ -55,6 +58,16 @@ def _basis_to_atom(coeff_ptrs, coeff_mask, bases_ptr, stride_coeff_l, stride_bas
 
 
 @triton.jit
+def load_taps(x_ptrs, chan_mask, pix_mask, ih, iw, H, W, stride_x_h, stride_x_w):
+    """One tap of a channel chunk: x[n, c, ih, iw] as [BLOCK_C, BLOCK_P] fp32, zero where
+    (ih, iw) [BLOCK_P] falls outside the image (the padding). x_ptrs [BLOCK_C, BLOCK_P] point
+    at x[n, c, 0, 0]."""
+    tap_ok = pix_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    return tl.load(x_ptrs + (ih * stride_x_h + iw * stride_x_w)[None, :],
+                   mask=chan_mask[:, None] & tap_ok[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _atom_times_features(x_ptrs, chan_mask, ih0, iw0, pix_mask, H, W, KH, KW, DH, DW,
                          stride_x_h, stride_x_w, coeff_ptrs, coeff_mask, bases_ptr, stride_coeff_l,
                          stride_bases_l, stride_bases_h, stride_bases_w, L,
@@ -67,13 +80,8 @@ def _atom_times_features(x_ptrs, chan_mask, ih0, iw0, pix_mask, H, W, KH, KW, DH
     """
     z = tl.zeros([M_PAD, BLOCK_C, BLOCK_P], dtype=tl.float32)
     for i in range(KH):
-        ih = ih0 + i * DH
-        row_ok = pix_mask & (ih >= 0) & (ih < H)
         for j in range(KW):
-            iw = iw0 + j * DW
-            tap_ok = row_ok & (iw >= 0) & (iw < W)
-            taps = tl.load(x_ptrs + (ih * stride_x_h + iw * stride_x_w)[None, :],
-                           mask=chan_mask[:, None] & tap_ok[None, :], other=0.0).to(tl.float32)
+            taps = load_taps(x_ptrs, chan_mask, pix_mask, ih0 + i * DH, iw0 + j * DW, H, W, stride_x_h, stride_x_w)
             atoms = _basis_to_atom(coeff_ptrs, coeff_mask, bases_ptr + i * stride_bases_h + j * stride_bases_w,
                                    stride_coeff_l, stride_bases_l, L, M_PAD, BLOCK_P)
             z += atoms[:, None, :] * taps[None, :, :]
@@ -230,17 +238,19 @@ def atom_conv2d_forward(x, atom_coeff, bases, weight, bias=None, stride=1, paddi
 def launch_forward(x, atom_coeff, bases, weight, bias, geo: AtomConvGeometry, *,
                    config: ForwardConfig | None = None) -> torch.Tensor:
     """Run the kernel on validated inputs (see `atom_conv2d_forward`); `config` forces a launch
-    config instead of the one `pick_forward_config` chooses."""
+    config instead of the one `tuned_config` chooses."""
     _check_runnable(x)
-    # y follows x's layout, as the reference does (a 1-channel x counts as contiguous).
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     y = torch.empty((geo.batch, geo.out_channels, *geo.out_size), dtype=x.dtype, device=x.device,
-                    memory_format=memory_format)
+                    memory_format=output_layout(x))
     if y.numel() == 0:
         return y
     if config is None:
-        config = pick_forward_config(x.dtype, arch_of(x.device))
+        arch, shape = arch_of(x.device), autotune_cache.layer_shape(geo)
+        config = tuned_config(
+            "atom_conv2d_fwd", x, geo, forward_candidates(forward_shape_class(geo)), pick_forward_config(x.dtype, arch),
+            run=lambda c: launch_forward(x, atom_coeff, bases, weight, bias, geo, config=c),
+            footprint=lambda c: autotune_cache.forward_footprint(fit_forward_config(c, geo), shape, x.dtype, arch),
+        )
     launch = fit_forward_config(config, geo)
     atom_conv2d_fwd_kernel[_grid(geo, launch)](**forward_kernel_args(x, atom_coeff, bases, weight, bias, y, geo, launch),
                                                num_warps=launch.num_warps, num_stages=launch.num_stages)
@@ -267,3 +277,6 @@ def _grid(geo: AtomConvGeometry, launch: ForwardLaunch) -> tuple[int]:
         raise ValueError(f"the Triton path indexes output pixels and programs in int32: N*H_out*W_out = {num_pixels} "
                          f"needs {programs} programs of {launch.BLOCK_P} pixels, over 2**31")
     return (programs,)
+
+
+autotune_cache.register_tuner("atom_conv2d_fwd", atom_conv2d_forward)

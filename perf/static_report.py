@@ -3,7 +3,10 @@
     python -m perf.static_report [--json FILE] [--defaults-only]
 
 One record per variant (SPEC §4): kernel, arch, dtype, config, default, shared_bytes,
-registers, spill_bytes, mma. Kernels are compiled for a representative problem with the
+registers, spill_bytes, mma. The kernels: the fused forward (`atom_conv2d_fwd`) and the three
+backward kernels, dβ (`atom_conv2d_bwd_coeff`, and `atom_conv2d_bwd_coeff_bases`: the same
+kernel compiled to also reduce dΨ), dα (`atom_conv2d_bwd_weight`) and dx
+(`atom_conv2d_bwd_input`). Kernels are compiled for a representative problem with the
 specialisation the launcher's real arguments get at run time (16-byte divisible pointers and
 ints, ints equal to 1 folded to constants), taken from Triton's own argument binder.
 Registers and spills come from the bundled `cuobjdump --dump-resource-usage` (REG, STACK),
@@ -14,6 +17,7 @@ TRITON_INTERPRET: the interpreter compiles nothing.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -33,7 +37,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from atomconv.validation import validate_atom_conv2d  # noqa: E402
-from kernels import configs, forward  # noqa: E402
+from kernels import backward, configs, forward  # noqa: E402
 
 ARCH_NUMBERS = {"sm_80": 80, "sm_90": 90}
 SHARED_LIMIT_BYTES = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
@@ -56,9 +60,9 @@ class Variant:
     num_stages: int
 
 
-def forward_variants(dtype: torch.dtype) -> Iterator[Variant]:
-    """The fused forward on the project's performance shape: N=32, C_in=C_out=64, 56x56, M=6,
-    K=3 (L=6), bias, contiguous NCHW."""
+def perf_problem(dtype: torch.dtype):
+    """The project's performance shape: N=32, C_in=C_out=64, 56x56, M=6, K=3 (L=6), padding 1,
+    bias, contiguous NCHW. Returns x, atom_coeff, bases, weight, bias, y (or dy), geometry."""
     n, c, hw, m, k, num_bases = 32, 64, 56, 6, 3, 6
     x = torch.empty(n, c, hw, hw, dtype=dtype)
     atom_coeff = torch.empty(n, m * num_bases, hw, hw, dtype=dtype)
@@ -67,6 +71,12 @@ def forward_variants(dtype: torch.dtype) -> Iterator[Variant]:
     bias = torch.empty(c, dtype=dtype)
     geo = validate_atom_conv2d(x, atom_coeff, bases, weight, bias, 1, k // 2, 1, 1)
     y = torch.empty(n, c, *geo.out_size, dtype=dtype)
+    return x, atom_coeff, bases, weight, bias, y, geo
+
+
+def forward_variants(dtype: torch.dtype) -> Iterator[Variant]:
+    """The fused forward on the performance shape, every candidate config."""
+    x, atom_coeff, bases, weight, bias, y, geo = perf_problem(dtype)
     for config in configs.all_forward_candidates():
         launch = configs.fit_forward_config(config, geo)
         args = forward.forward_kernel_args(x, atom_coeff, bases, weight, bias, y, geo, launch)
@@ -74,8 +84,52 @@ def forward_variants(dtype: torch.dtype) -> Iterator[Variant]:
                       launch.num_warps, launch.num_stages)
 
 
-KERNELS: dict[str, Callable[[torch.dtype], Iterator[Variant]]] = {"atom_conv2d_fwd": forward_variants}
-DEFAULTS: dict[str, dict] = {"atom_conv2d_fwd": configs.DEFAULT_FORWARD}
+def coeff_grad_variants(dtype: torch.dtype, bases_grad: bool) -> Iterator[Variant]:
+    """The dβ kernel (and dΨ with bases_grad) on the performance shape, every candidate config."""
+    x, atom_coeff, bases, weight, _, dy, geo = perf_problem(dtype)
+    dbases = torch.empty(1, *bases.shape, dtype=torch.float32) if bases_grad else None
+    for config in configs.coeff_grad_candidates():
+        launch = configs.fit_forward_config(config, geo)
+        args = backward.coeff_grad_kernel_args(x, atom_coeff, bases, weight, dy, atom_coeff, dbases, geo, launch)
+        yield Variant("atom_conv2d_bwd_coeff_bases" if bases_grad else "atom_conv2d_bwd_coeff",
+                      backward.atom_conv2d_bwd_coeff_kernel, dtype, config, args, launch.num_warps, launch.num_stages)
+
+
+def weight_grad_variants(dtype: torch.dtype) -> Iterator[Variant]:
+    """The dα kernel on the performance shape, every candidate config (132 SMs' worth of splits)."""
+    x, atom_coeff, bases, weight, _, dy, geo = perf_problem(dtype)
+    for config in configs.weight_grad_candidates():
+        launch = configs.fit_forward_config(config, geo)
+        partials = torch.empty(configs.weight_grad_splits(geo, launch, 2 * 132), 1, dtype=torch.float32)
+        args = backward.weight_grad_kernel_args(x, atom_coeff, bases, dy, partials, geo, launch)
+        yield Variant("atom_conv2d_bwd_weight", backward.atom_conv2d_bwd_weight_kernel, dtype, config, args,
+                      launch.num_warps, launch.num_stages)
+
+
+def input_grad_variants(dtype: torch.dtype) -> Iterator[Variant]:
+    """The dx kernel on the performance shape, every candidate config."""
+    x, atom_coeff, bases, weight, _, dy, geo = perf_problem(dtype)
+    for config in configs.input_grad_candidates():
+        launch = configs.fit_forward_config(config, backward.transposed_geometry(geo))
+        args = backward.input_grad_kernel_args(atom_coeff, bases, weight, dy, x, geo, launch)
+        yield Variant("atom_conv2d_bwd_input", backward.atom_conv2d_bwd_input_kernel, dtype, config, args,
+                      launch.num_warps, launch.num_stages)
+
+
+KERNELS: dict[str, Callable[[torch.dtype], Iterator[Variant]]] = {
+    "atom_conv2d_fwd": forward_variants,
+    "atom_conv2d_bwd_coeff": functools.partial(coeff_grad_variants, bases_grad=False),
+    "atom_conv2d_bwd_coeff_bases": functools.partial(coeff_grad_variants, bases_grad=True),
+    "atom_conv2d_bwd_weight": weight_grad_variants,
+    "atom_conv2d_bwd_input": input_grad_variants,
+}
+DEFAULTS: dict[str, dict] = {
+    "atom_conv2d_fwd": configs.DEFAULT_FORWARD,
+    "atom_conv2d_bwd_coeff": configs.DEFAULT_COEFF_GRAD,
+    "atom_conv2d_bwd_coeff_bases": configs.DEFAULT_COEFF_GRAD,
+    "atom_conv2d_bwd_weight": configs.DEFAULT_WEIGHT_GRAD,
+    "atom_conv2d_bwd_input": configs.DEFAULT_INPUT_GRAD,
+}
 
 
 def _ast_source(variant: Variant, target: GPUTarget) -> ASTSource:

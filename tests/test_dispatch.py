@@ -1,4 +1,4 @@
-"""Dispatch between backends, and the Triton forward's stop-gap backward."""
+"""Dispatch between backends: which kernels `atom_conv2d` runs, forward and backward."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from unittest import mock
 import pytest
 import torch
 
+import atomconv.op
+import kernels.backward
 import kernels.forward
 from atomconv import atom_conv2d
 
@@ -41,11 +43,15 @@ def test_triton_backend_runs_the_kernel():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 1e-2)])
-def test_triton_forward_gradients_equal_reference(dtype, tol):
+def test_triton_backward_runs_the_kernels_and_equals_reference(dtype, tol):
     fused_in = _problem(dtype, requires_grad=True)
     ref_in = _problem(dtype, requires_grad=True)
     grad_y = torch.randn(2, 6, 4, 4, generator=torch.Generator().manual_seed(9)).to(fused_in[0])
-    atom_conv2d(*fused_in, **GEOMETRY, backend="triton").backward(grad_y)
+    y = atom_conv2d(*fused_in, **GEOMETRY, backend="triton")
+    with mock.patch.object(kernels.backward, "launch_backward", wraps=kernels.backward.launch_backward) as launch, \
+            mock.patch.object(atomconv.op, "atom_conv2d_reference", side_effect=AssertionError("reference path used")):
+        y.backward(grad_y)
+    assert launch.call_count == 1
     atom_conv2d(*ref_in, **GEOMETRY, backend="reference").backward(grad_y)
     for fused, ref in zip(fused_in, ref_in):
         assert fused.grad.dtype == dtype
@@ -72,3 +78,27 @@ def test_triton_backend_on_cpu_without_interpreter_says_so():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "the Triton path needs CUDA tensors" in result.stderr and "TRITON_INTERPRET=1" in result.stderr
+
+
+def test_every_launcher_asks_the_autotune_cache():
+    """Forward and the three backward kernels each take their config from `autotune_cache`; the
+    config it answers is the one launched (here: a non-default candidate, forced)."""
+    import autotune_cache
+    import kernels.configs
+
+    asked = {}
+
+    def answer(kernel, *, device, dtype, shape, candidates, default, benchmark=None, footprint=None):
+        chosen = next(c for c in candidates if c != default)
+        asked[kernel] = chosen
+        return chosen
+
+    fitted = []
+    fit = kernels.configs.fit_forward_config
+    with mock.patch.object(autotune_cache, "get_config", side_effect=answer), \
+         mock.patch.object(kernels.forward, "fit_forward_config", side_effect=lambda c, g: fitted.append(c) or fit(c, g)), \
+         mock.patch.object(kernels.backward, "fit_forward_config", side_effect=lambda c, g: fitted.append(c) or fit(c, g)):
+        args = _problem(torch.float32, requires_grad=True)
+        atom_conv2d(*args, **GEOMETRY, backend="triton").sum().backward()
+    assert set(asked) == {"atom_conv2d_fwd", "atom_conv2d_bwd_coeff", "atom_conv2d_bwd_weight", "atom_conv2d_bwd_input"}
+    assert sorted(map(repr, fitted)) == sorted(map(repr, asked.values()))

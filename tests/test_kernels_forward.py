@@ -20,35 +20,9 @@ import kernels
 from atomconv.reference import atom_conv2d_reference
 from atomconv.validation import validate_atom_conv2d
 from kernels import configs, forward
-from helpers import output_size, static_atom_problem
+from helpers import DEVICE, GEOMETRIES, REL_TOL, make_problem, static_atom_problem, to
 
 REPO = Path(__file__).resolve().parents[1]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Largest |y - reference| allowed, relative to max |reference| (float64): output rounding, and
-# on a GPU the rounding of Z to the input dtype before the tensor-core dot.
-REL_TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-
-
-def make_problem(n, c_in, c_out, hw, kernel, stride=1, padding=0, dilation=1, groups=1, bias=True,
-                 num_atoms=3, num_bases=4, seed=0):
-    """Random float64 CPU inputs (x, atom_coeff, bases, weight, bias or None) and the call's kwargs."""
-    g = torch.Generator().manual_seed(seed)
-    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
-    h_out, w_out = output_size(hw, kernel, stride, padding, dilation)
-    tensors = (
-        torch.randn(n, c_in, *hw, generator=g, dtype=torch.float64),
-        torch.randn(n, num_atoms * num_bases, h_out, w_out, generator=g, dtype=torch.float64),
-        torch.randn(num_bases, kh, kw, generator=g, dtype=torch.float64),
-        torch.randn(c_out, c_in // groups, num_atoms, generator=g, dtype=torch.float64),
-        torch.randn(c_out, generator=g, dtype=torch.float64) if bias else None,
-    )
-    return tensors, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
-
-
-def to(tensors, dtype):
-    return tuple(None if t is None else t.to(device=DEVICE, dtype=dtype) for t in tensors)
-
-
 def reference(tensors, kwargs):
     """Reference output in float64 on the CPU."""
     tensors = tuple(None if t is None else t.double().cpu() for t in tensors)
@@ -68,25 +42,6 @@ def check(tensors, kwargs, dtype=torch.float32):
     y = kernels.atom_conv2d_forward(*inputs, **kwargs)
     assert_close(y, reference(inputs, kwargs), dtype)
     return y
-
-
-# (n, c_in, c_out, (H, W), kernel, stride, padding, dilation, groups, bias, M, L): odd sizes
-# throughout, so no dimension is a multiple of a block size.
-GEOMETRIES = [
-    (2, 3, 5, (7, 9), 1, 1, 0, 1, 1, True, 3, 1),
-    (2, 4, 6, (7, 9), 3, 1, 1, 1, 1, True, 3, 4),
-    (1, 5, 3, (9, 8), 5, 1, 2, 1, 1, False, 2, 6),
-    (2, 3, 4, (8, 7), (2, 3), 1, (0, 1), 1, 1, True, 3, 4),
-    (1, 4, 4, (9, 10), (3, 1), (2, 1), (1, 0), 1, 1, True, 5, 3),
-    (2, 3, 5, (11, 10), 3, 2, 0, 1, 1, True, 3, 4),
-    (1, 3, 2, (12, 13), 3, 3, 2, 1, 1, True, 4, 2),
-    (1, 2, 3, (9, 11), 3, 1, 2, 2, 1, False, 3, 4),
-    (1, 3, 3, (10, 9), 3, (1, 2), 1, (2, 1), 1, True, 3, 3),
-    (2, 4, 6, (7, 8), 3, 1, 1, 1, 2, True, 3, 4),
-    (1, 6, 4, (8, 7), 3, 2, 1, 1, 2, False, 6, 2),
-    (2, 5, 5, (7, 9), 3, 1, 1, 1, 5, True, 3, 4),  # depthwise
-    (1, 4, 8, (6, 7), 5, 1, 2, 2, 4, True, 2, 3),  # depthwise, channel multiplier 2
-]
 
 
 @pytest.mark.parametrize("case", GEOMETRIES, ids=lambda c: "k{4}-s{5}-p{6}-d{7}-g{8}-bias{9}".format(*c))

@@ -1,4 +1,5 @@
-"""The default launch configs compile for sm_80 and sm_90 within the hardware's limits.
+"""The default launch configs of every kernel (the forward and the three backward kernels)
+compile for sm_80 and sm_90 within the hardware's limits.
 
 Runs `python -m perf.static_report --defaults-only` in a subprocess without TRITON_INTERPRET
 (the interpreter compiles nothing); no GPU needed, Triton's bundled ptxas does the work.
@@ -14,6 +15,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_LIMIT_BYTES = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
+KERNELS = ("atom_conv2d_fwd", "atom_conv2d_bwd_coeff", "atom_conv2d_bwd_coeff_bases", "atom_conv2d_bwd_weight",
+           "atom_conv2d_bwd_input")
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,7 @@ def default_records(tmp_path_factory):
 
 def test_every_default_is_compiled(default_records):
     compiled = {(r["kernel"], r["arch"], r["dtype"]) for r in default_records}
-    assert compiled == {("atom_conv2d_fwd", arch, dtype) for arch in SHARED_LIMIT_BYTES
+    assert compiled == {(kernel, arch, dtype) for kernel in KERNELS for arch in SHARED_LIMIT_BYTES
                         for dtype in ("float16", "bfloat16", "float32")}
     assert all(r["default"] for r in default_records)
 
@@ -40,6 +43,8 @@ def test_shared_memory_fits(default_records):
 
 
 def test_16_bit_defaults_use_tensor_cores_without_spills(default_records):
+    """Every kernel has a GEMM-shaped stage (the forward's and dx's coefficient sums, the dZ dot
+    of dβ, the dy @ Zᵀ of dα): in 16 bits it must run on tensor cores."""
     for r in default_records:
         if r["dtype"] in ("float16", "bfloat16"):
             assert r["spill_bytes"] == 0, r

@@ -1,0 +1,223 @@
+"""The fused Triton backward (kernels.atom_conv2d_backward) against float64 reference gradients
+and F.conv2d's, over the forward tests' geometry grid.
+
+Runs on the CPU through Triton's interpreter (switched on below, before kernels are defined);
+the kernels compute in float32 (no float64), so their gradients are checked against autograd
+through the float64 reference path on the same (rounded) inputs.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before `kernels` is imported: @triton.jit reads it
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+
+import kernels
+from atomconv.reference import atom_conv2d_reference
+from atomconv.validation import validate_atom_conv2d
+from kernels import backward, configs
+from helpers import DEVICE, GEOMETRIES, REL_TOL, make_problem, static_atom_problem, to
+
+NAMES = ("x", "atom_coeff", "bases", "weight")
+
+
+def reference_grads(inputs, grad_y, kwargs):
+    """Gradients of (x, atom_coeff, bases, weight) by autograd through the float64 CPU reference."""
+    leaves = [t.detach().double().cpu().requires_grad_() for t in inputs[:4]]
+    geo = validate_atom_conv2d(*leaves, None, **kwargs)
+    return torch.autograd.grad(atom_conv2d_reference(*leaves, None, geo), leaves, grad_y.double().cpu())
+
+
+def assert_grad_close(name, grad, expected, like, dtype):
+    """grad has like's dtype and shape; its max error is within REL_TOL[dtype] of expected's max magnitude."""
+    assert grad.dtype == dtype and grad.shape == like.shape, name
+    err = (grad.double().cpu() - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert err <= REL_TOL[dtype] * scale, f"d{name}: max error {err:.3g} vs max |grad| {scale:.3g}"
+
+
+def assert_grads_close(grads, expected, inputs, dtype):
+    for name, grad, ref, t in zip(NAMES, grads, expected, inputs):
+        assert_grad_close(name, grad, ref, t, dtype)
+
+
+def check(tensors, kwargs, dtype=torch.float32, grad_y=None):
+    """All four kernel gradients at dtype (inputs rounded to it first) against the float64 reference."""
+    inputs = to(tensors[:4], dtype)
+    if grad_y is None:
+        h_out, w_out = validate_atom_conv2d(*inputs, None, **kwargs).out_size
+        g = torch.Generator().manual_seed(1)
+        grad_y = torch.randn(inputs[0].shape[0], inputs[3].shape[0], h_out, w_out, generator=g).to(DEVICE, dtype)
+    grads = kernels.atom_conv2d_backward(grad_y, *inputs, **kwargs)
+    assert_grads_close(grads, reference_grads(inputs, grad_y, kwargs), inputs, dtype)
+
+
+@pytest.mark.parametrize("case", GEOMETRIES, ids=lambda c: "k{4}-s{5}-p{6}-d{7}-g{8}".format(*c))
+def test_float32_gradients_match_float64_reference_over_geometries(case):
+    n, c_in, c_out, hw, kernel, stride, padding, dilation, groups, bias, m, l = case
+    check(*make_problem(n, c_in, c_out, hw, kernel, stride, padding, dilation, groups, bias, m, l))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("problem", [
+    ((2, 20, 6, (7, 9), 3), dict(padding=1, groups=2, num_atoms=6, num_bases=6)),
+    ((1, 6, 6, (9, 8), (3, 5)), dict(stride=2, padding=(2, 1), dilation=(1, 2), groups=6)),
+], ids=["grouped", "depthwise-strided"])
+def test_16_bit_gradients(dtype, problem):
+    args, kwargs = problem
+    check(*make_problem(*args, **kwargs), dtype)
+
+
+def test_static_atoms_gradients_match_conv2d():
+    """SPEC §1 oracle: with pixel-independent atoms, dx and dα are F.conv2d's gradients (dα via
+    the static kernel Wt[o,c,i,j] = Σ_m α[o,c,m] Σ_l β[m,l] Ψ[l,i,j], differentiated in α)."""
+    kernel, stride, padding, dilation, groups = (3, 5), (2, 1), (1, 2), (1, 2), 2
+    x, atom_coeff, bases, weight, _, _ = static_atom_problem(2, 4, 6, (9, 11), kernel, stride, padding, dilation,
+                                                              groups, dtype=torch.float32)
+    beta = atom_coeff[0, :, 0, 0].view(weight.shape[2], bases.shape[0])
+    x64, w64 = x.double().requires_grad_(), weight.double().requires_grad_()
+    y = F.conv2d(x64, torch.einsum("ocm,ml,lij->ocij", w64, beta.double(), bases.double()), None, stride, padding,
+                 dilation, groups)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expected_dx, expected_dw = torch.autograd.grad(y, (x64, w64), grad_y)
+    inputs = to((x, atom_coeff, bases, weight), torch.float32)
+    dx, _, _, dw = kernels.atom_conv2d_backward(grad_y.float().to(DEVICE), *inputs, stride, padding, dilation, groups)
+    torch.testing.assert_close(dx.double().cpu(), expected_dx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw.double().cpu(), expected_dw, rtol=1e-5, atol=1e-4)
+
+
+def test_expanded_and_strided_grad_output():
+    """grad_y with stride 0 (the gradient of .sum()) and a transposed grad_y, read in place."""
+    tensors, kwargs = make_problem(2, 4, 6, (7, 9), 3, padding=1, groups=2)
+    check(tensors, kwargs, grad_y=torch.ones(1, device=DEVICE).expand(2, 6, 7, 9))
+    check(tensors, kwargs, grad_y=torch.randn(2, 6, 9, 7, device=DEVICE).transpose(2, 3))
+
+
+def test_channels_last_and_strided_inputs():
+    tensors, kwargs = make_problem(2, 6, 4, (7, 9), 3, padding=1)
+    x, atom_coeff, bases, weight = to(tensors[:4], torch.float32)
+    inputs = (x.contiguous(memory_format=torch.channels_last), torch.cat([atom_coeff, atom_coeff], dim=1)[:, ::2],
+              bases.transpose(1, 2).contiguous().transpose(1, 2), weight.permute(2, 0, 1).contiguous().permute(1, 2, 0))
+    grad_y = torch.randn(2, 4, 7, 9, device=DEVICE)
+    grads = kernels.atom_conv2d_backward(grad_y, *inputs, **kwargs)
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+    assert_grads_close(grads, reference_grads(inputs, grad_y, kwargs), inputs, torch.float32)
+
+
+def test_several_chunks_tiles_and_splits():
+    """Small blocks: ragged channel chunks, several output-channel tiles and dZ dot steps per
+    group, ragged pixel tiles, and a pixel split count that does not divide the tiles."""
+    tensors, kwargs = make_problem(1, 22, 36, (5, 7), 3, padding=1, groups=2, num_atoms=3, num_bases=5)
+    small = configs.ForwardConfig(block_p=16, block_o=16, block_k=16, num_warps=4, num_stages=1)
+    inputs = to(tensors[:4], torch.float32)
+    geo = validate_atom_conv2d(*inputs, None, **kwargs)
+    grad_y = torch.randn(1, 36, 5, 7, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    dx = backward.launch_input_grad(grad_y, *inputs, geo, config=small)
+    dcoeff, dbases = backward.launch_coeff_grad(grad_y, *inputs, geo, bases_grad=True, config=small)
+    dweight = backward.launch_weight_grad(grad_y, *inputs, geo, config=small, splits=2)
+    assert triton.cdiv(5 * 7, 16) == 3  # pixel tiles: the last one ragged, split 2 gets one fewer
+    assert_grads_close((dx, dcoeff, dbases, dweight), reference_grads(inputs, grad_y, kwargs), inputs, torch.float32)
+
+
+# Each backward launcher, run on (grad_y, x, atom_coeff, bases, weight, geometry) with a forced
+# config: the gradients it returns and their positions in (x, atom_coeff, bases, weight).
+LAUNCHERS = {
+    "coeff": (lambda *args, config: backward.launch_coeff_grad(*args, bases_grad=True, config=config), (1, 2),
+              configs.coeff_grad_candidates()),
+    "weight": (lambda *args, config: [backward.launch_weight_grad(*args, config=config)], (3,),
+               configs.weight_grad_candidates()),
+    "input": (lambda *args, config: [backward.launch_input_grad(*args, config=config)], (0,),
+              configs.input_grad_candidates()),
+}
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_every_candidate_config(launcher):
+    run, positions, candidates = LAUNCHERS[launcher]
+    tensors, kwargs = make_problem(1, 10, 9, (5, 6), 3, padding=1, num_atoms=6, num_bases=3)
+    inputs = to(tensors[:4], torch.float32)
+    geo = validate_atom_conv2d(*inputs, None, **kwargs)
+    grad_y = torch.randn(1, 9, 5, 6, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    expected = reference_grads(inputs, grad_y, kwargs)
+    for config in candidates:
+        for position, grad in zip(positions, run(grad_y, *inputs, geo, config=config)):
+            assert_grad_close(NAMES[position], grad, expected[position], inputs[position], torch.float32)
+
+
+def test_output_mask_skips_kernels(monkeypatch):
+    """Only the asked-for gradients are computed, and each comes from its Triton kernel."""
+    launched = []
+    for name in ("atom_conv2d_bwd_coeff_kernel", "atom_conv2d_bwd_weight_kernel", "atom_conv2d_bwd_input_kernel"):
+        kernel = getattr(backward, name)
+        monkeypatch.setattr(backward, name, _Counting(kernel, name, launched))
+    tensors, kwargs = make_problem(1, 3, 4, (5, 6), 3, padding=1)
+    grad_y = torch.randn(1, 4, 5, 6, device=DEVICE)
+    grads = kernels.atom_conv2d_backward(grad_y, *to(tensors[:4], torch.float32), **kwargs,
+                                         output_mask=(False, False, True, True))
+    assert grads[0] is None and grads[1] is None and grads[2] is not None and grads[3] is not None
+    assert launched == ["atom_conv2d_bwd_coeff_kernel", "atom_conv2d_bwd_weight_kernel"]
+
+
+class _Counting:
+    """Stands in for a kernel: records its name when launched, then launches it."""
+
+    def __init__(self, kernel, name, launched):
+        self.kernel, self.name, self.launched = kernel, name, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(self.name)
+        return self.kernel[grid]
+
+
+def test_bitwise_reproducible_in_deterministic_mode():
+    tensors, kwargs = make_problem(2, 6, 5, (7, 8), 3, padding=1)
+    inputs = to(tensors[:4], torch.float32)
+    grad_y = torch.randn(2, 5, 7, 8, device=DEVICE)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = kernels.atom_conv2d_backward(grad_y, *inputs, **kwargs)
+        second = kernels.atom_conv2d_backward(grad_y, *inputs, **kwargs)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_empty_batch():
+    tensors, kwargs = make_problem(0, 3, 4, (5, 6), 3, padding=1)
+    inputs = to(tensors[:4], torch.float32)
+    grad_y = torch.empty(0, 4, 5, 6, device=DEVICE)
+    dx, dcoeff, dbases, dweight = kernels.atom_conv2d_backward(grad_y, *inputs, **kwargs)
+    assert dx.shape == (0, 3, 5, 6) and dcoeff.shape == inputs[1].shape
+    assert torch.count_nonzero(dbases) == 0 and torch.count_nonzero(dweight) == 0 and dweight.shape == inputs[3].shape
+
+
+def test_bad_grad_output_is_refused():
+    tensors, kwargs = make_problem(1, 3, 4, (5, 6), 3, padding=1)
+    inputs = to(tensors[:4], torch.float32)
+    with pytest.raises(ValueError, match=r"grad_y must have the output's shape"):
+        kernels.atom_conv2d_backward(torch.zeros(1, 4, 5, 5, device=DEVICE), *inputs, **kwargs)
+    with pytest.raises(TypeError, match=r"grad_y must have x's dtype"):
+        kernels.atom_conv2d_backward(torch.zeros(1, 4, 5, 6, device=DEVICE, dtype=torch.float16), *inputs, **kwargs)
+
+
+def test_defaults_cover_every_dtype_and_arch_and_are_candidates():
+    for defaults, candidates in ((configs.DEFAULT_COEFF_GRAD, configs.coeff_grad_candidates()),
+                                 (configs.DEFAULT_WEIGHT_GRAD, configs.weight_grad_candidates()),
+                                 (configs.DEFAULT_INPUT_GRAD, configs.input_grad_candidates())):
+        assert set(defaults) == {(dtype, arch) for dtype in configs.KERNEL_DTYPES for arch in configs.ARCHS}
+        assert set(defaults.values()) <= set(candidates)
+
+
+def test_weight_grad_splits_fill_the_target_within_the_pixel_tiles():
+    tensors, kwargs = make_problem(2, 8, 8, (10, 10), 3, padding=1, groups=2)
+    geo = validate_atom_conv2d(*tensors[:4], None, **kwargs)
+    launch = configs.fit_forward_config(configs.ForwardConfig(16, 16, 16, 4, 1), geo)
+    assert (launch.BLOCK_O, launch.BLOCK_C) == (16, 4)  # one α tile per group: 2 in all
+    assert configs.weight_grad_splits(geo, launch, target_programs=10) == 5
+    assert configs.weight_grad_splits(geo, launch, target_programs=10**6) == 13  # one per pixel tile: 200 / 16
+    assert configs.weight_grad_splits(geo, launch, target_programs=1) == 1

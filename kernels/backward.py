@@ -378,8 +378,9 @@ def launch_coeff_grad(grad_y, x, atom_coeff, bases, weight, geo: AtomConvGeometr
     """dβ [N, M*L, H_out, W_out] (atom_coeff's dtype and layout) and, if bases_grad, dΨ
     [L, KH, KW] (bases' dtype), else None. Validated inputs; `config` forces a launch config."""
     dcoeff = torch.empty_like(atom_coeff, memory_format=output_layout(atom_coeff))
+    kernel = "atom_conv2d_bwd_coeff_bases" if bases_grad else "atom_conv2d_bwd_coeff"
     config = config or tuned_config(
-        "atom_conv2d_bwd_coeff", x, geo, coeff_grad_candidates(), pick_coeff_grad_config(x.dtype, arch_of(x.device)),
+        kernel, x, geo, coeff_grad_candidates(), pick_coeff_grad_config(x.dtype, arch_of(x.device)),
         run=lambda c: launch_coeff_grad(grad_y, x, atom_coeff, bases, weight, geo, bases_grad=bases_grad, config=c))
     launch = fit_forward_config(config, geo)
     programs = triton.cdiv(_num_out_pixels(geo), launch.BLOCK_P)

@@ -13,7 +13,10 @@ each has its own candidates, defaults and `pick_*_config`.
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -120,12 +123,28 @@ def all_forward_candidates() -> tuple[ForwardConfig, ...]:
     return tuple(dict.fromkeys(c for cls in ("narrow", "wide") for c in forward_candidates(cls)))
 
 
+STATIC_REPORT = Path(__file__).with_name("static_report.json")
+"""`python -m perf.static_report --json kernels/static_report.json`, committed: what every candidate
+compiles to on sm_80 and sm_90. Regenerate it when a kernel or a candidate list changes."""
+
+
+@functools.lru_cache(maxsize=None)
+def _unspilled(kernel: str, candidates: tuple[ForwardConfig, ...], default: ForwardConfig, dtype: torch.dtype,
+               arch: str) -> tuple[ForwardConfig, ...]:
+    """The candidates, less those the committed static report shows spilling for this kernel,
+    dtype and arch (it compiles one representative problem: a hint, not a proof). The default stays."""
+    spilling = autotune_cache.spilling_configs(json.loads(STATIC_REPORT.read_text()), kernel, dtype, arch)
+    return tuple(c for c in candidates if c == default or c.as_dict() not in spilling)
+
+
 def tuned_config(kernel: str, x: torch.Tensor, geo: AtomConvGeometry, candidates: Sequence[ForwardConfig],
                  default: ForwardConfig, run: Callable[[ForwardConfig], object],
                  footprint: Callable[[ForwardConfig], object] | None = None) -> ForwardConfig:
-    """The config `kernel` launches with for this problem: the autotune cache's entry for x's GPU,
-    dtype and shape bucket, else the fastest of the pruned `candidates` when `run(config)` (one
-    launch) is benchmarked once, else `default`. Always `default` under the interpreter."""
+    """The config `kernel` (a static report kernel name) launches with for this problem: the
+    autotune cache's entry for x's GPU, dtype and shape bucket, else the fastest of the
+    candidates left after pruning (spilling ones first) when `run(config)` (one launch) is
+    benchmarked once, else `default`. Always `default` under the interpreter."""
+    candidates = _unspilled(kernel, tuple(candidates), default, x.dtype, arch_of(x.device))
     return autotune_cache.get_config(
         kernel, device=x.device, dtype=x.dtype, shape=autotune_cache.layer_shape(geo), candidates=candidates,
         default=default, benchmark=lambda config: autotune_cache.time_launch(lambda: run(config)), footprint=footprint,

@@ -100,5 +100,5 @@ def test_every_launcher_asks_the_autotune_cache():
          mock.patch.object(kernels.backward, "fit_forward_config", side_effect=lambda c, g: fitted.append(c) or fit(c, g)):
         args = _problem(torch.float32, requires_grad=True)
         atom_conv2d(*args, **GEOMETRY, backend="triton").sum().backward()
-    assert set(asked) == {"atom_conv2d_fwd", "atom_conv2d_bwd_coeff", "atom_conv2d_bwd_weight", "atom_conv2d_bwd_input"}
+    assert set(asked) == {"atom_conv2d_fwd", "atom_conv2d_bwd_coeff_bases", "atom_conv2d_bwd_weight", "atom_conv2d_bwd_input"}
     assert sorted(map(repr, fitted)) == sorted(map(repr, asked.values()))

@@ -49,3 +49,39 @@ def test_16_bit_defaults_use_tensor_cores_without_spills(default_records):
         if r["dtype"] in ("float16", "bfloat16"):
             assert r["spill_bytes"] == 0, r
             assert r["mma"] > 0, r
+
+
+def test_committed_report_covers_every_candidate():
+    """kernels/static_report.json (what the launchers prune spilling candidates by) has a record
+    for every kernel x candidate x dtype x arch the launchers can pick: regenerate it otherwise."""
+    from kernels import configs
+
+    candidates = {
+        "atom_conv2d_fwd": configs.all_forward_candidates(),
+        "atom_conv2d_bwd_coeff": configs.coeff_grad_candidates(),
+        "atom_conv2d_bwd_coeff_bases": configs.coeff_grad_candidates(),
+        "atom_conv2d_bwd_weight": configs.weight_grad_candidates(),
+        "atom_conv2d_bwd_input": configs.input_grad_candidates(),
+    }
+    records = json.loads(configs.STATIC_REPORT.read_text())
+    reported = {(r["kernel"], r["arch"], r["dtype"], tuple(sorted(r["config"].items()))) for r in records}
+    expected = {(kernel, arch, dtype, tuple(sorted(c.as_dict().items())))
+                for kernel, cands in candidates.items() for c in cands
+                for arch in SHARED_LIMIT_BYTES for dtype in ("float16", "bfloat16", "float32")}
+    assert expected <= reported, sorted(expected - reported)[:5]
+
+
+def test_launchers_drop_candidates_the_report_shows_spilling():
+    import torch
+
+    from kernels import configs
+
+    records = json.loads(configs.STATIC_REPORT.read_text())
+    spilling = next(r for r in records if r["spill_bytes"] > 0 and not r["default"])
+    kernel, dtype = spilling["kernel"], getattr(torch, spilling["dtype"])
+    candidates = tuple(c for c in configs.all_forward_candidates() + configs.coeff_grad_candidates()
+                       + configs.weight_grad_candidates() + configs.input_grad_candidates())
+    default = candidates[0] if candidates[0].as_dict() != spilling["config"] else candidates[1]
+    kept = configs._unspilled(kernel, candidates, default, dtype, spilling["arch"])
+    assert spilling["config"] in [c.as_dict() for c in candidates]
+    assert spilling["config"] not in [c.as_dict() for c in kept] and default in kept

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bases import fourier_bessel_bases
+from .bases import MAX_BASES_PER_SCALE, fourier_bessel_bases
 from .functional import BACKENDS, atom_conv2d
 from .validation import as_pair, conv_output_size
 
@@ -44,10 +44,16 @@ class AtomConv2d(nn.Module):
         kh, kw = as_pair(kernel_size, "kernel_size", 1)
         if kh != kw or kh % 2 == 0 or kh < 3:
             raise ValueError(f"kernel_size must be one odd size >= 3 (Fourier–Bessel bases are square), got {kernel_size!r}")
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
         if not isinstance(num_atoms, int) or num_atoms < 1:
             raise ValueError(f"num_atoms must be a positive int, got {num_atoms!r}")
+        if bases_per_scale is None and num_atoms > MAX_BASES_PER_SCALE:
+            raise ValueError(f"num_atoms={num_atoms} > {MAX_BASES_PER_SCALE} needs an explicit bases_per_scale "
+                             f"(at most {MAX_BASES_PER_SCALE}); it defaults to num_atoms")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups

@@ -10,7 +10,7 @@
 path and its hand-written chunked backward, `atom_conv2d_reference_backward`). Geometry is passed as int lists, already validated. Both ops have fake (meta)
 implementations, so compilers trace them without running them; the backward op has no
 autograd of its own (no double backward). d bias is grad_y summed over (N, H_out, W_out) in
-float32, in the autograd formula itself.
+float32 (float64 for float64), in the autograd formula itself.
 
 Autocast is handled by `atomconv.atom_conv2d` before the op is called (inputs cast once to
 the autocast dtype, as `nn.Conv2d`); inside the ops autocast is off, so the reference path's
@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .reference import atom_conv2d_reference, atom_conv2d_reference_backward
+from .reference import atom_conv2d_reference, atom_conv2d_reference_backward, compute_dtype
 from .validation import output_layout, validate_atom_conv2d
 
 OP_BACKENDS = ("triton", "reference")
@@ -96,7 +96,7 @@ def _backward(ctx, grad_y):
     grads = iter(atom_conv2d_backward_op(grad_y, *ctx.saved_tensors, *ctx.geometry, needs_tensor_grad)
                  if any(needs_tensor_grad) else [])
     tensor_grads = [next(grads) if needed else None for needed in needs_tensor_grad]
-    dbias = grad_y.sum((0, 2, 3), dtype=torch.float32).to(grad_y.dtype) if ctx.needs_input_grad[4] else None
+    dbias = grad_y.sum((0, 2, 3), dtype=compute_dtype(grad_y.dtype)).to(grad_y.dtype) if ctx.needs_input_grad[4] else None
     return (*tensor_grads, dbias, None, None, None, None, None)
 
 

@@ -97,6 +97,10 @@ def validate_atom_conv2d(
     c_out, c_in_per_group, num_atoms = weight.shape
     if num_bases < 1 or kh < 1 or kw < 1:
         raise ValueError(f"bases must be a non-empty [L, KH, KW] tensor, got shape {tuple(bases.shape)}")
+    if c_in < 1:
+        raise ValueError(f"x must have at least one channel, got shape {tuple(x.shape)}")
+    if c_out < 1:
+        raise ValueError(f"weight must have at least one output channel (weight.shape[0] = C_out >= 1), got shape {tuple(weight.shape)}")
     if num_atoms < 1:
         raise ValueError(f"weight must have at least one atom (weight.shape[2] = M >= 1), got shape {tuple(weight.shape)}")
     if c_in % groups:

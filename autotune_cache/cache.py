@@ -175,7 +175,7 @@ class AutotuneCache:
         """This GPU's learned entries for the running Triton version (read once)."""
         if gpu not in self._learned:
             path = self.learned_path(gpu)
-            stored = read_cache_file(path, self._warn) if path.exists() else None
+            stored = read_cache_file(path, self._warn)
             if stored is not None and (stored.gpu, stored.triton) != (gpu, triton_version()):
                 self._warn(path, f"skipped, holds entries for GPU {stored.gpu!r} and Triton {stored.triton}, "
                                  f"expected {gpu!r} and Triton {triton_version()}")
@@ -199,7 +199,7 @@ class AutotuneCache:
 
     def files(self, directory: Path) -> list[tuple[Path, CacheFile | None]]:
         """Every *.json file of a directory with its content (None when unusable, warned once)."""
-        return [(path, read_cache_file(path, self._warn)) for path in cache_files(directory)]
+        return [(path, read_cache_file(path, self._warn)) for path in cache_files(directory, self._warn)]
 
 
 def _frozen(config: Mapping[str, int]) -> tuple[tuple[str, int], ...]:

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from atomconv import AtomConv2d
+from atomconv.bases import MAX_BASES_PER_SCALE
 from atomconv.validation import conv_output_size
 
-MAX_BASES_PER_SCALE = 6  # Fourier–Bessel bases per scale (SPEC §2)
 
 
 @dataclass(frozen=True)

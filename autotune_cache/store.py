@@ -115,9 +115,12 @@ class OnceWarner:
 
 
 def read_cache_file(path: Path, warn: OnceWarner) -> CacheFile | None:
-    """The file's content, or None (after one warning) when it cannot be used at all."""
+    """The file's content; None when it does not exist, or (after one warning) when it cannot
+    be used at all."""
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError):  # no such file, as Path.exists() would say
+        return None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         warn(path, f"skipped, unreadable ({error})")
         return None
@@ -143,10 +146,14 @@ def read_cache_file(path: Path, warn: OnceWarner) -> CacheFile | None:
     return parsed
 
 
-def cache_files(directory: Path) -> Iterator[Path]:
-    """The *.json paths of a directory in name order; nothing when it does not exist."""
-    if directory.is_dir():
-        yield from sorted(directory.glob("*.json"))
+def cache_files(directory: Path, warn: OnceWarner) -> list[Path]:
+    """The *.json paths of a directory in name order; none when it does not exist, or (after one
+    warning) when it cannot be read."""
+    try:
+        return sorted(directory.glob("*.json")) if directory.is_dir() else []
+    except OSError as error:
+        warn(directory, f"skipped, unreadable ({error})")
+        return []
 
 
 def merge_into_file(path: Path, gpu: str, triton: str, entries: Iterable[Entry], warn: OnceWarner) -> None:
@@ -156,7 +163,7 @@ def merge_into_file(path: Path, gpu: str, triton: str, entries: Iterable[Entry],
     when the directory cannot be written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path):
-        current = read_cache_file(path, warn) if path.exists() else None
+        current = read_cache_file(path, warn)
         if current is None or (current.gpu, current.triton) != (gpu, triton):
             current = CacheFile(gpu, triton)
         current.entries.update((entry.key, entry) for entry in entries)

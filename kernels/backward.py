@@ -54,7 +54,7 @@ from atomconv.validation import AtomConvGeometry, output_layout, validate_atom_c
 from .configs import (ForwardConfig, ForwardLaunch, arch_of, coeff_grad_candidates, fit_forward_config,
                       input_grad_candidates, pick_coeff_grad_config, pick_input_grad_config, pick_weight_grad_config,
                       pow2_at_least, tuned_config, weight_grad_candidates, weight_grad_splits)
-from .forward import (INTERPRETING, _atom_times_features, load_taps, _basis_to_atom, _check_runnable, _coefficient_sum,
+from .forward import (INTERPRETING, _atom_times_features, check_int32_indexing, load_taps, _basis_to_atom, _check_runnable, _coefficient_sum,
                       _dot_precision, _strides, pack_weight)
 
 
@@ -384,6 +384,7 @@ def launch_coeff_grad(grad_y, x, atom_coeff, bases, weight, geo: AtomConvGeometr
         run=lambda c: launch_coeff_grad(grad_y, x, atom_coeff, bases, weight, geo, bases_grad=bases_grad, config=c))
     launch = fit_forward_config(config, geo)
     programs = triton.cdiv(_num_out_pixels(geo), launch.BLOCK_P)
+    check_int32_indexing("N*H_out*W_out", _num_out_pixels(geo), launch.BLOCK_P, programs)
     taps = geo.kernel_size[0] * geo.kernel_size[1]
     partials = torch.zeros(programs, geo.num_bases, taps, dtype=torch.float32, device=x.device) if bases_grad else None
     if programs:
@@ -409,6 +410,7 @@ def launch_weight_grad(grad_y, x, atom_coeff, bases, weight, geo: AtomConvGeomet
     partials = torch.empty(splits, geo.out_channels, chunks, launch.M_PAD, launch.BLOCK_C,
                            dtype=torch.float32, device=x.device)
     programs = splits * geo.groups * triton.cdiv(geo.out_channels // geo.groups, launch.BLOCK_O) * chunks
+    check_int32_indexing("N*H_out*W_out", _num_out_pixels(geo), launch.BLOCK_P, programs)
     atom_conv2d_bwd_weight_kernel[(programs,)](
         **weight_grad_kernel_args(x, atom_coeff, bases, grad_y, partials, geo, launch),
         num_warps=launch.num_warps, num_stages=launch.num_stages)
@@ -426,6 +428,7 @@ def launch_input_grad(grad_y, x, atom_coeff, bases, weight, geo: AtomConvGeometr
     launch = fit_forward_config(config, transposed_geometry(geo))
     num_pixel_tiles = triton.cdiv(geo.batch * geo.in_size[0] * geo.in_size[1], launch.BLOCK_P)
     programs = num_pixel_tiles * geo.groups * triton.cdiv(geo.in_channels // geo.groups, launch.BLOCK_O)
+    check_int32_indexing("N*H*W", geo.batch * geo.in_size[0] * geo.in_size[1], launch.BLOCK_P, programs)
     if programs:
         atom_conv2d_bwd_input_kernel[(programs,)](
             **input_grad_kernel_args(atom_coeff, bases, weight, grad_y, dx, geo, launch),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -133,7 +134,13 @@ def _unspilled(kernel: str, candidates: tuple[ForwardConfig, ...], default: Forw
                arch: str) -> tuple[ForwardConfig, ...]:
     """The candidates, less those the committed static report shows spilling for this kernel,
     dtype and arch (it compiles one representative problem: a hint, not a proof). The default stays."""
-    spilling = autotune_cache.spilling_configs(json.loads(STATIC_REPORT.read_text()), kernel, dtype, arch)
+    try:
+        records = json.loads(STATIC_REPORT.read_text())
+    except (OSError, ValueError) as error:
+        warnings.warn(f"atomconv: cannot read {STATIC_REPORT} ({error}); spilling candidates are not pruned",
+                      RuntimeWarning, stacklevel=2)
+        records = []
+    spilling = autotune_cache.spilling_configs(records, kernel, dtype, arch)
     return tuple(c for c in candidates if c == default or c.as_dict() not in spilling)
 
 
@@ -149,6 +156,15 @@ def tuned_config(kernel: str, x: torch.Tensor, geo: AtomConvGeometry, candidates
         kernel, device=x.device, dtype=x.dtype, shape=autotune_cache.layer_shape(geo), candidates=candidates,
         default=default, benchmark=lambda config: autotune_cache.time_launch(lambda: run(config)), footprint=footprint,
     )
+
+
+def tf32_allowed() -> bool:
+    """Whether PyTorch's own CUDA matmuls use TF32 for float32 (SPEC §6): the per-backend
+    `fp32_precision` where torch has it (2.9 and newer; reading the legacy `allow_tf32` raises
+    there once the new API was used), else the legacy flag."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")
+    return precision == "tf32" if precision != "none" else bool(matmul.allow_tf32)
 
 
 def arch_of(device: torch.device) -> str:

@@ -38,7 +38,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from atomconv.validation import AtomConvGeometry, output_layout, validate_atom_conv2d
 
 from .configs import (KERNEL_DTYPES, ForwardConfig, ForwardLaunch, arch_of, fit_forward_config, forward_candidates,
-                      forward_shape_class, pick_forward_config, tuned_config)
+                      forward_shape_class, pick_forward_config, tf32_allowed, tuned_config)
 
 
 @triton.jit
@@ -182,7 +182,7 @@ _MAX_INT32 = 2**31 - 1
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 dots use TF32 only where PyTorch's own matmuls would (SPEC §6); the interpreter
     only knows "ieee". The value does not matter for 16-bit dots."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRETING:
+    if dtype == torch.float32 and tf32_allowed() and not INTERPRETING:
         return "tf32"
     return "ieee"
 
@@ -273,10 +273,17 @@ def _grid(geo: AtomConvGeometry, launch: ForwardLaunch) -> tuple[int]:
     num_pixels = geo.batch * geo.out_size[0] * geo.out_size[1]
     num_pixel_tiles = triton.cdiv(num_pixels, launch.BLOCK_P)
     programs = num_pixel_tiles * geo.groups * triton.cdiv(geo.out_channels // geo.groups, launch.BLOCK_O)
-    if max(num_pixel_tiles * launch.BLOCK_P, programs) > _MAX_INT32:
-        raise ValueError(f"the Triton path indexes output pixels and programs in int32: N*H_out*W_out = {num_pixels} "
-                         f"needs {programs} programs of {launch.BLOCK_P} pixels, over 2**31")
+    check_int32_indexing("N*H_out*W_out", num_pixels, launch.BLOCK_P, programs)
     return (programs,)
+
+
+def check_int32_indexing(what: str, num_pixels: int, block_p: int, programs: int) -> None:
+    """The kernels index pixels and programs in int32: refuse, with a message, a launch whose
+    padded pixel count or program count passes 2**31 (what: how the pixel count is made)."""
+    padded_pixels = triton.cdiv(num_pixels, block_p) * block_p
+    if max(padded_pixels, programs) > _MAX_INT32:
+        raise ValueError(f"the Triton path indexes pixels and programs in int32: {what} = {num_pixels} "
+                         f"needs {programs} programs of {block_p} pixels, over 2**31")
 
 
 autotune_cache.register_tuner("atom_conv2d_fwd", atom_conv2d_forward)

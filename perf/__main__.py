@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m perf", description=__doc__.splitlines()[0])
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--grid", choices=sorted(GRIDS), help="named grid (default: gpu with CUDA, cpu without)")
-    which.add_argument("--quick", action="store_true", help="the small grid 'quick': about 2 minutes on a 2-core CPU")
+    which.add_argument("--quick", action="store_true", help="the small grid 'quick': under a minute on a quiet 2-core CPU")
     parser.add_argument("--out", type=Path, help="output folder (default: perf/results/<device>/)")
     args = parser.parse_args(argv)
 

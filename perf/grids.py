@@ -114,7 +114,7 @@ GRIDS = {
               "num_atoms": (2, 4, 6, 8)},
         headline=(("kernel_size", 3), ("kernel_size", 7)),
     ),
-    # About two minutes on a 2-core CPU.
+    # Under a minute on a quiet 2-core CPU (issue 6 allows about two).
     "quick": Grid(
         name="quick",
         base=Problem(batch=2, channels=32, size=28, kernel_size=3, num_atoms=6, dtype=torch.float32),

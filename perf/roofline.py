@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from atomconv.validation import AtomConvGeometry
+from kernels.configs import tf32_allowed
 
 from .costs import atom_conv_macs_per_pixel, fused_forward_min_bytes
 
@@ -66,7 +67,7 @@ def fused_forward_bound_s(geo: AtomConvGeometry, dtype: torch.dtype, gpu: GpuPea
     pixels = geo.batch * geo.out_size[0] * geo.out_size[1]
     if dtype in (torch.float16, torch.bfloat16):
         dot_tflops = gpu.fp16_tensor_tflops
-    elif dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    elif dtype == torch.float32 and tf32_allowed():
         dot_tflops = gpu.tf32_tensor_tflops
     else:
         dot_tflops = gpu.fp32_tflops

@@ -32,9 +32,14 @@ def static_atom_problem(n, c_in, c_out, hw, kernel, stride, padding, dilation, g
 
 # Problems for the Triton kernels' tests (forward and backward).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Largest |y - reference| allowed, relative to max |reference| (float64): output rounding, and
-# on a GPU the rounding of Z to the input dtype before the tensor-core dot.
-REL_TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+# Largest |y - reference| allowed, relative to max |reference| (float64). In the interpreter only
+# the output is rounded to the dtype (worst seen: 4.4e-4 float16, 6.2e-3 bfloat16); on a GPU Z is
+# also rounded to the input dtype before the tensor-core dot.
+REL_TOL = (
+    {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+    if torch.cuda.is_available()
+    else {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+)
 
 
 def make_problem(n, c_in, c_out, hw, kernel, stride=1, padding=0, dilation=1, groups=1, bias=True,

@@ -510,3 +510,29 @@ def test_cli_runs_as_a_module(cli_cache):
                             env=os.environ | {"ATOMCONV_CACHE_DIR": str(cli_cache.learned_dir.parent)}, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("learned:") == 2
+
+
+def test_unreadable_directories_and_files_fall_back_with_warnings(tmp_path, fake_gpu, monkeypatch):
+    """EACCES on the tables dir and on the learned file (root cannot make one, so os-level calls
+    are patched): warnings, then the default; never an exception."""
+    tables = tmp_path / "tables"
+    write_file(tables / "gpu.json", entry(TABLED))
+    cache = AutotuneCache(tmp_path / "cache", tables)
+    write_file(cache.learned_path(GPU), entry(LEARNED))
+    real_is_dir, real_read_text = Path.is_dir, Path.read_text
+
+    def is_dir(path):
+        if path == tables:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_is_dir(path)
+
+    def read_text(path, *args, **kwargs):
+        if path == cache.learned_path(GPU):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "is_dir", is_dir)
+    monkeypatch.setattr(Path, "read_text", read_text)
+    with pytest.warns(RuntimeWarning, match="unreadable") as caught:
+        assert lookup(cache, benchmark=None) == DEFAULT
+    assert len(caught) == 2

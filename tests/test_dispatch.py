@@ -49,7 +49,7 @@ def test_triton_backward_runs_the_kernels_and_equals_reference(dtype, tol):
     grad_y = torch.randn(2, 6, 4, 4, generator=torch.Generator().manual_seed(9)).to(fused_in[0])
     y = atom_conv2d(*fused_in, **GEOMETRY, backend="triton")
     with mock.patch.object(kernels.backward, "launch_backward", wraps=kernels.backward.launch_backward) as launch, \
-            mock.patch.object(atomconv.op, "atom_conv2d_reference", side_effect=AssertionError("reference path used")):
+            mock.patch.object(atomconv.op, "atom_conv2d_reference_backward", side_effect=AssertionError("reference path used")):
         y.backward(grad_y)
     assert launch.call_count == 1
     atom_conv2d(*ref_in, **GEOMETRY, backend="reference").backward(grad_y)

@@ -1,14 +1,10 @@
 """The fused Triton backward (kernels.atom_conv2d_backward) against float64 reference gradients
 and F.conv2d's, over the forward tests' geometry grid.
 
-Runs on the CPU through Triton's interpreter (switched on below, before kernels are defined);
+Without a GPU it runs through Triton's interpreter (tests/conftest.py switches it on);
 the kernels compute in float32 (no float64), so their gradients are checked against autograd
 through the float64 reference path on the same (rounded) inputs.
 """
-
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before `kernels` is imported: @triton.jit reads it
 
 import pytest
 import torch

@@ -1,13 +1,10 @@
 """The fused Triton forward (kernels.atom_conv2d_forward) against the reference path and F.conv2d.
 
-Runs on the CPU through Triton's interpreter (switched on below, before kernels are defined);
+Without a GPU it runs through Triton's interpreter (tests/conftest.py switches it on);
 shapes are tiny because the interpreter runs every program one after the other.
 """
 
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before `kernels` is imported: @triton.jit reads it
-
 import subprocess
 import sys
 from pathlib import Path

@@ -139,3 +139,17 @@ def test_load_official_state_dict_names_mismatches():
         layer.load_official_state_dict({k: v for k, v in sd.items() if k != "bias"})
     with pytest.raises(ValueError, match=r"unexpected \['extra'\]"):
         layer.load_official_state_dict(sd | {"extra": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(groups=0), "groups must be a positive int"), (dict(groups=2.0), "groups must be a positive int"),
+    (dict(in_channels=0), "in_channels must be a positive int"),
+    (dict(num_atoms=8), "num_atoms=8 > 6 needs an explicit bases_per_scale"),
+])
+def test_bad_layer_arguments_are_named(bad, message):
+    with pytest.raises(ValueError, match=message):
+        AtomConv2d(**(dict(in_channels=4, out_channels=8, kernel_size=3) | bad))
+
+
+def test_more_than_six_atoms_with_explicit_bases_per_scale():
+    assert AtomConv2d(4, 8, 5, num_atoms=8, bases_per_scale=6).bases.shape == (12, 5, 5)

@@ -62,3 +62,22 @@ def test_device_mismatch_is_named():
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend must be one of"):
         atom_conv2d(**_good(), backend="cudnn")
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(x=torch.randn(2, 0, 8, 8), weight=torch.randn(6, 0, 3), groups=1), r"x must have at least one channel"),
+    (dict(weight=torch.randn(0, 2, 3), bias=None), r"weight must have at least one output channel"),
+])
+def test_zero_channels_are_named(change, message):
+    with pytest.raises(ValueError, match=message):
+        atom_conv2d(**(_good() | change))
+
+
+def test_int32_indexing_limit_is_named():
+    from kernels.forward import check_int32_indexing
+
+    check_int32_indexing("N*H*W", 2**31 - 64, 64, 1000)  # fits
+    with pytest.raises(ValueError, match=r"N\*H\*W = 2147483647 needs"):
+        check_int32_indexing("N*H*W", 2**31 - 1, 64, 1000)  # padded to a whole tile, it passes 2**31
+    with pytest.raises(ValueError, match="over 2\\*\\*31"):
+        check_int32_indexing("N*H_out*W_out", 1024, 64, 2**31)

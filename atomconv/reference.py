@@ -152,8 +152,8 @@ def atom_conv2d_reference_backward(
 
     grad_y [N, C_out, H_out, W_out] (any strides), the rest as `atom_conv2d_reference`. Works
     chunk by chunk like the forward, recomputing the chunk's atoms (and Z, for the weight's
-    gradient) instead of keeping anything from the forward, so its temporaries are bounded by
-    `max_chunk_bytes` too. Per chunk, with dZ = dy·weight (a GEMM):
+    gradient) instead of keeping anything from the forward, so its temporaries stay within a
+    small multiple (about 3x: dZ, the per-tap products, the chunk's dx) of `max_chunk_bytes`. Per chunk, with dZ = dy·weight (a GEMM):
       d weight += dyᵀ·Z;   dA[tap] = Σ_c dZ·x_tap;   dx_tap += Σ_m dZ·A[tap];
       d atom_coeff = dA projected on the bases;   d bases += Σ β·dA.
     d bias is grad_y summed over (N, H_out, W_out), left to the caller.

@@ -63,7 +63,7 @@ def _this_gpu() -> str | None:
 
 def show(args: argparse.Namespace) -> int:
     cache = AutotuneCache()
-    print(f"this machine: GPU {_this_gpu() or '(no CUDA GPU)'}, Triton {triton_version()}, "
+    print(f"this machine: {_this_gpu() or 'no CUDA GPU'}, Triton {triton_version()}, "
           f"autotuning {'on' if autotune_enabled() else 'off (ATOMCONV_AUTOTUNE=0)'}")
     print(f"shipped tables: {cache.tables_dir}")
     print(f"learned entries: {cache.learned_dir}")

@@ -79,4 +79,6 @@ GEOMETRIES = [
     (1, 6, 4, (8, 7), 3, 2, 1, 1, 2, False, 6, 2),
     (2, 5, 5, (7, 9), 3, 1, 1, 1, 5, True, 3, 4),  # depthwise
     (1, 4, 8, (6, 7), 5, 1, 2, 2, 4, True, 2, 3),  # depthwise, channel multiplier 2
+    (1, 3, 4, (9, 8), 7, 1, 3, 1, 1, True, 2, 6),  # 7x7, padding 3
+    (1, 2, 3, (5, 6), 3, 2, 3, 1, 1, False, 3, 2),  # padding wider than the kernel's reach
 ]

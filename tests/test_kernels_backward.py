@@ -51,10 +51,11 @@ def check(tensors, kwargs, dtype=torch.float32, grad_y=None):
     assert_grads_close(grads, reference_grads(inputs, grad_y, kwargs), inputs, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("case", GEOMETRIES, ids=lambda c: "k{4}-s{5}-p{6}-d{7}-g{8}".format(*c))
-def test_float32_gradients_match_float64_reference_over_geometries(case):
+def test_gradients_match_float64_reference_over_geometries(case, dtype):
     n, c_in, c_out, hw, kernel, stride, padding, dilation, groups, bias, m, l = case
-    check(*make_problem(n, c_in, c_out, hw, kernel, stride, padding, dilation, groups, bias, m, l))
+    check(*make_problem(n, c_in, c_out, hw, kernel, stride, padding, dilation, groups, bias, m, l), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

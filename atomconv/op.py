@@ -67,13 +67,11 @@ def atom_conv2d_backward_op(grad_y: Tensor, x: Tensor, atom_coeff: Tensor, bases
     inputs = (x, atom_coeff, bases, weight)
     with torch.autocast(x.device.type, enabled=False):
         if backend == "triton":
-            from kernels import backward
-
-            grads = [g for g in backward.launch_backward(grad_y, *inputs, geo, tuple(output_mask)) if g is not None]
+            from kernels.backward import launch_backward as backward
         else:
-            grads = [g for g in atom_conv2d_reference_backward(grad_y, *inputs, geo, tuple(output_mask)) if g is not None]
-    wanted = [t for t, want in zip(inputs, output_mask) if want]
-    return [g.contiguous(memory_format=output_layout(t)) for g, t in zip(grads, wanted)]
+            backward = atom_conv2d_reference_backward
+        grads = backward(grad_y, *inputs, geo, tuple(output_mask))
+    return [g.contiguous(memory_format=output_layout(t)) for g, t in zip(grads, inputs) if g is not None]
 
 
 @atom_conv2d_backward_op.register_fake

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -29,6 +30,16 @@ from .prune import Footprint, device_limits, prune_candidates
 from .store import CacheFile, Entry, EntryKey, OnceWarner, cache_files, merge_into_file, read_cache_file
 
 TABLES_DIR = Path(__file__).parent / "tables"
+MAX_TIMED = 3
+"""Configs benchmarked per kernel, dtype and shape bucket: the default and the two the kernel's
+cost model ranks best among those that fit (each is compiled once first: seconds)."""
+TUNE_BUDGET_S = 4.0
+"""No config is started once one kernel's tuning of one shape has taken this long (the default
+and one more are always timed): the first call of a new shape spends at most about this long
+per kernel, plus the config that was running."""
+MIN_GAIN = 0.03
+"""A config replaces the default only if it is at least this much faster: closer timings are
+within the noise of a busy GPU, and a noisy winner would be stored for good."""
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -97,7 +108,9 @@ class AutotuneCache:
         gpu = keys.gpu_name(device)
         if gpu is None:
             return default
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        # Inside a CUDA-graph capture or a torch.compile trace a benchmark would be captured or
+        # traced: answer from what is stored, and tune at the first plain call.
+        capturing = (device.type == "cuda" and torch.cuda.is_current_stream_capturing()) or torch.compiler.is_compiling()
         can_benchmark = benchmark is not None and autotune_enabled() and not capturing
         key = (kernel, dtype_name(dtype), shape_bucket(shape))
         config = self._stored(gpu, key, candidates, exact=True)
@@ -135,18 +148,27 @@ class AutotuneCache:
     def _benchmark(self, gpu: str, key: EntryKey, shape: Mapping[str, int], default: Config,
                    candidates: Sequence[Config], benchmark: Callable[[Config], float],
                    footprint: Callable[[Config], Footprint] | None, device: torch.device) -> Config | None:
-        """Time the default and the candidates that survive pruning, learn and return the
-        fastest; None when none ran."""
+        """Time the default and the best-ranked candidates that survive pruning (at most
+        MAX_TIMED configs, started within TUNE_BUDGET_S), learn and return the fastest; None when
+        none ran. A config must beat the default by MIN_GAIN to replace it. The winner is kept
+        for this process only when a candidate failed for a transient reason (out of memory):
+        a rerun may find another."""
         timed = [default, *candidates]
         if footprint is not None:
-            timed = prune_candidates(timed, footprint, device_limits(device))
+            timed = prune_candidates(timed, footprint, device_limits(device), keep=MAX_TIMED)
         unique: dict[tuple, Config] = {}
         for config in timed:
             unique.setdefault(_frozen(config_dict(config)), config)
-        times, errors = {}, []
-        for frozen, config in unique.items():
+        times, errors, transient = {}, [], False
+        start = time.monotonic()
+        for frozen, config in list(unique.items())[:MAX_TIMED]:
+            if len(times) >= 2 and time.monotonic() - start > TUNE_BUDGET_S:
+                break
             try:
                 times[frozen] = float(benchmark(config))
+            except torch.OutOfMemoryError as error:  # transient: another process may hold the memory now
+                errors.append(error)
+                transient = True
             except Exception as error:  # noqa: BLE001 - like triton.autotune: a config that fails scores infinity
                 errors.append(error)
         self.benchmarks_run += 1
@@ -158,10 +180,14 @@ class AutotuneCache:
                        if errors else "no candidate fits the device, using the fallback")
             return None
         winner = min(finite, key=finite.get)
+        default_ms = finite.get(_frozen(config_dict(default)))
+        if default_ms is not None and finite[winner] > (1 - MIN_GAIN) * default_ms:
+            winner = _frozen(config_dict(default))  # within the timing noise of the default
         entry = Entry(*key, config=config_dict(unique[winner]), shape=dict(shape), ms=finite[winner],
-                      default_ms=times.get(_frozen(config_dict(default))))
+                      default_ms=default_ms)
         self.learned_entries(gpu)[key] = entry
-        self._persist(gpu, entry)
+        if not transient:
+            self._persist(gpu, entry)
         return unique[winner]
 
     def _persist(self, gpu: str, entry: Entry) -> None:

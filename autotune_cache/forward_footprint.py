@@ -52,10 +52,18 @@ def forward_footprint(launch: ForwardLaunchLike, shape: Mapping[str, int], dtype
         registers += per_thread(operands / 2)  # two 16-bit values per 32-bit register
     fill = (_fill(shape["pixels"], p) * _fill(shape["c_out_g"], o) * _fill(shape["c_in_g"], c))
     launch_key = (p, o, c, launch.M_PAD, launch.num_warps, launch.num_stages)
+    # Stage 2's multiply-adds on the padded tiles, redone for every output-channel tile.
+    cost = (padded(shape["pixels"], p) * padded(shape["c_out_g"], o) / o * padded(shape["c_in_g"], c)
+            * shape["taps"] * launch.M_PAD)
     return Footprint(launch=launch_key, threads=threads, shared_bytes=operands * dtype.itemsize,
-                     registers=registers, fill=fill)
+                     registers=registers, fill=fill, cost=cost)
+
+
+def padded(extent: int, block: int) -> int:
+    """`extent` rounded up to whole blocks of `block`."""
+    return math.ceil(extent / block) * block
 
 
 def _fill(extent: int, block: int) -> float:
     """Useful fraction of the tiles that cover `extent` elements in blocks of `block`."""
-    return extent / (math.ceil(extent / block) * block)
+    return extent / padded(extent, block)

@@ -7,6 +7,7 @@ A kernel describes what one of its configs costs on one problem with a `Footprin
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Hashable, Iterable, Mapping, Sequence
 
@@ -39,6 +40,8 @@ class Footprint:
     shared_bytes: shared memory per program. registers: a lower bound of the 32-bit registers
     per thread, from the tiles a thread holds live (compilers add addressing and temporaries).
     fill: the useful fraction of a program's tile elements (1.0 when nothing is padding).
+    cost: the kernel's estimate of the launch's relative run time (its multiply-adds on CUDA
+    cores, padding and recomputation included), to rank configs; None when it has none.
     """
 
     launch: Hashable
@@ -46,6 +49,7 @@ class Footprint:
     shared_bytes: int
     registers: int
     fill: float
+    cost: float | None = None
 
 
 def device_limits(device: torch.device) -> DeviceLimits:
@@ -66,11 +70,13 @@ def fits(footprint: Footprint, limits: DeviceLimits) -> bool:
 
 
 def prune_candidates(candidates: Sequence[Config], footprint: Callable[[Config], Footprint], limits: DeviceLimits,
-                     known_spilling: Iterable[Mapping[str, int]] = ()) -> list[Config]:
-    """The candidates worth benchmarking, in their given order: those that fit the device, are
-    not among `known_spilling` (configs the static report shows spilling, as dicts), launch
-    differently from every earlier kept candidate, and whose fill is at least
-    MIN_RELATIVE_FILL times the best fill among them. Empty only if nothing fits."""
+                     known_spilling: Iterable[Mapping[str, int]] = (), keep: int | None = None) -> list[Config]:
+    """The candidates worth benchmarking: those that fit the device, are not among
+    `known_spilling` (configs the static report shows spilling, as dicts), launch differently
+    from every earlier kept candidate, and whose fill is at least MIN_RELATIVE_FILL times the
+    best fill among them, in their given order. With `keep`, only the first of those (the default
+    where it fits: the baseline of a benchmark) and the keep - 1 others of lowest estimated cost
+    remain (given order breaks ties and ranks unknown costs last). Empty only if nothing fits."""
     spilling = [dict(c) for c in known_spilling]
     kept: dict[Hashable, tuple[Config, Footprint]] = {}
     for config in candidates:
@@ -80,12 +86,24 @@ def prune_candidates(candidates: Sequence[Config], footprint: Callable[[Config],
     if not kept:
         return []
     best_fill = max(cost.fill for _, cost in kept.values())
-    return [config for config, cost in kept.values() if cost.fill >= MIN_RELATIVE_FILL * best_fill]
+    filled = [(config, cost) for config, cost in kept.values() if cost.fill >= MIN_RELATIVE_FILL * best_fill]
+    if keep is None or len(filled) <= keep:
+        return [config for config, _ in filled]
+    first, rest = filled[0], filled[1:]
+    ranked = sorted(range(len(rest)), key=lambda i: (math.inf if rest[i][1].cost is None else rest[i][1].cost, i))
+    return [first[0]] + [rest[i][0] for i in sorted(ranked[: keep - 1])]
 
 
-def spilling_configs(records: Iterable[Mapping], kernel: str, dtype: torch.dtype, arch: str) -> list[dict[str, int]]:
+def spilling_configs(records: Iterable[Mapping], kernel: str, dtype: torch.dtype, arch: str, triton_version: str,
+                     kernel_size: int) -> list[dict[str, int]]:
     """Configs that spill according to `python -m perf.static_report --json` records, for one
-    kernel, dtype and arch: the `known_spilling` of `prune_candidates`. The report compiles one
-    representative problem, so this is a hint for other shapes, not a proof."""
-    return [dict(r["config"]) for r in records
-            if (r["kernel"], r["dtype"], r["arch"]) == (kernel, dtype_name(dtype), arch) and r["spill_bytes"] > 0]
+    kernel, dtype and arch: the `known_spilling` of `prune_candidates`. Only records compiled by
+    the running Triton version count (another version allocates registers differently), and of
+    those the ones compiled for the kernel size nearest `kernel_size` (spills grow with the taps).
+    The report compiles representative problems, so this is a hint for other shapes, not a proof."""
+    mine = [r for r in records if (r["kernel"], r["dtype"], r["arch"], r.get("triton")) ==
+            (kernel, dtype_name(dtype), arch, triton_version) and isinstance(r.get("kernel_size"), int)]
+    if not mine:
+        return []
+    nearest = min((r["kernel_size"] for r in mine), key=lambda k: (abs(k - kernel_size), k))
+    return [dict(r["config"]) for r in mine if r["kernel_size"] == nearest and r["spill_bytes"] > 0]

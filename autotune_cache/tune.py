@@ -9,19 +9,20 @@ from __future__ import annotations
 
 from typing import Callable
 
-WARMUP_MS = 10
-REPEAT_MS = 40
-"""Per candidate: short runs, since tuning happens on a user's first call of a new shape."""
+WARMUP_MS = 25
+REPEAT_MS = 100
+"""Per candidate: enough runs of a kernel of 10 µs to 1 ms (hundreds to thousands) that the
+median is stable to about a percent, short enough for a user's first call of a new shape."""
 
 TUNERS: dict[str, Callable[..., object]] = {}
 
 
 def time_launch(run: Callable[[], object]) -> float:
-    """Mean milliseconds of `run()` on the current CUDA stream (Triton's `do_bench`, which
-    flushes the L2 cache between runs)."""
+    """Median milliseconds of `run()` on the current CUDA device and stream (Triton's `do_bench`,
+    which flushes the L2 cache between runs; the median resists a busy GPU's outliers)."""
     from triton.testing import do_bench
 
-    return float(do_bench(run, warmup=WARMUP_MS, rep=REPEAT_MS))
+    return float(do_bench(run, warmup=WARMUP_MS, rep=REPEAT_MS, return_mode="median"))
 
 
 def register_tuner(kernel: str, run: Callable[..., object]) -> None:

@@ -26,8 +26,9 @@ import autotune_cache
 
 from atomconv.validation import AtomConvGeometry
 
+from .launch import KERNEL_DTYPES, on_device_of
+
 ARCHS = ("sm_80", "sm_90")
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # 16-bit tensor-core dots need every dimension >= 16 on NVIDIA GPUs.
 MIN_DOT_SIZE = 16
@@ -131,16 +132,19 @@ compiles to on sm_80 and sm_90. Regenerate it when a kernel or a candidate list 
 
 @functools.lru_cache(maxsize=None)
 def _unspilled(kernel: str, candidates: tuple[ForwardConfig, ...], default: ForwardConfig, dtype: torch.dtype,
-               arch: str) -> tuple[ForwardConfig, ...]:
+               arch: str, kernel_size: int) -> tuple[ForwardConfig, ...]:
     """The candidates, less those the committed static report shows spilling for this kernel,
-    dtype and arch (it compiles one representative problem: a hint, not a proof). The default stays."""
+    dtype, arch and (nearest) kernel size when compiled by the running Triton version (a hint,
+    not a proof: it compiles representative problems). The default stays."""
+    import triton
+
     try:
         records = json.loads(STATIC_REPORT.read_text())
     except (OSError, ValueError) as error:
         warnings.warn(f"atomconv: cannot read {STATIC_REPORT} ({error}); spilling candidates are not pruned",
                       RuntimeWarning, stacklevel=2)
         records = []
-    spilling = autotune_cache.spilling_configs(records, kernel, dtype, arch)
+    spilling = autotune_cache.spilling_configs(records, kernel, dtype, arch, triton.__version__, kernel_size)
     return tuple(c for c in candidates if c == default or c.as_dict() not in spilling)
 
 
@@ -151,20 +155,16 @@ def tuned_config(kernel: str, x: torch.Tensor, geo: AtomConvGeometry, candidates
     autotune cache's entry for x's GPU, dtype and shape bucket, else the fastest of the
     candidates left after pruning (spilling ones first) when `run(config)` (one launch) is
     benchmarked once, else `default`. Always `default` under the interpreter."""
-    candidates = _unspilled(kernel, tuple(candidates), default, x.dtype, arch_of(x.device))
+    candidates = _unspilled(kernel, tuple(candidates), default, x.dtype, arch_of(x.device), max(geo.kernel_size))
+
+    def benchmark(config: ForwardConfig) -> float:
+        with on_device_of(x):  # do_bench times on the current device's stream
+            return autotune_cache.time_launch(lambda: run(config))
+
     return autotune_cache.get_config(
         kernel, device=x.device, dtype=x.dtype, shape=autotune_cache.layer_shape(geo), candidates=candidates,
-        default=default, benchmark=lambda config: autotune_cache.time_launch(lambda: run(config)), footprint=footprint,
+        default=default, benchmark=benchmark, footprint=footprint,
     )
-
-
-def tf32_allowed() -> bool:
-    """Whether PyTorch's own CUDA matmuls use TF32 for float32 (SPEC §6): the per-backend
-    `fp32_precision` where torch has it (2.9 and newer; reading the legacy `allow_tf32` raises
-    there once the new API was used), else the legacy flag."""
-    matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", "none")
-    return precision == "tf32" if precision != "none" else bool(matmul.allow_tf32)
 
 
 def arch_of(device: torch.device) -> str:
@@ -230,6 +230,8 @@ DEFAULT_COEFF_GRAD: dict[tuple[torch.dtype, str], ForwardConfig] = {
     (dtype, arch): (_COEFF_FP32 if dtype == torch.float32 else _COEFF_16BIT)[arch]
     for dtype in KERNEL_DTYPES for arch in ARCHS
 }
+# Reducing dΨ as well holds β [M_PAD, L_PAD, BLOCK_P] and dΨ's partial in registers besides.
+DEFAULT_COEFF_BASES_GRAD: dict[tuple[torch.dtype, str], ForwardConfig] = dict(DEFAULT_COEFF_GRAD)
 _WEIGHT_16BIT = ForwardConfig(block_p=64, block_o=64, block_k=128, num_warps=8, num_stages=1)
 _WEIGHT_FP32 = ForwardConfig(block_p=32, block_o=64, block_k=64, num_warps=4, num_stages=1)
 DEFAULT_WEIGHT_GRAD: dict[tuple[torch.dtype, str], ForwardConfig] = {
@@ -249,7 +251,7 @@ def _defaults_first(defaults: dict, own: tuple[ForwardConfig, ...]) -> tuple[For
 
 def coeff_grad_candidates() -> tuple[ForwardConfig, ...]:
     """Configs a tuner tries for the dβ kernel; the defaults are among them."""
-    return _defaults_first(DEFAULT_COEFF_GRAD, _COEFF_GRAD)
+    return tuple(dict.fromkeys((*DEFAULT_COEFF_GRAD.values(), *DEFAULT_COEFF_BASES_GRAD.values(), *_COEFF_GRAD)))
 
 
 def weight_grad_candidates() -> tuple[ForwardConfig, ...]:
@@ -262,9 +264,10 @@ def input_grad_candidates() -> tuple[ForwardConfig, ...]:
     return _defaults_first(DEFAULT_INPUT_GRAD, _INPUT_GRAD)
 
 
-def pick_coeff_grad_config(dtype: torch.dtype, arch: str) -> ForwardConfig:
-    """The dβ kernel's (dtype, arch) default: launched when the autotune cache knows nothing better."""
-    return DEFAULT_COEFF_GRAD[dtype, arch]
+def pick_coeff_grad_config(dtype: torch.dtype, arch: str, bases_grad: bool) -> ForwardConfig:
+    """The dβ kernel's (dtype, arch) default, with or without the dΨ reduction: launched when the
+    autotune cache knows nothing better."""
+    return (DEFAULT_COEFF_BASES_GRAD if bases_grad else DEFAULT_COEFF_GRAD)[dtype, arch]
 
 
 def pick_weight_grad_config(dtype: torch.dtype, arch: str) -> ForwardConfig:

@@ -20,6 +20,11 @@ operand without a permute. The atoms of a tap are computed spread over the warps
 through shared memory. They are rebuilt once per channel chunk: M_PAD*L multiply-adds per
 pixel and tap against M_PAD*BLOCK_C for stage 2, so a wide chunk amortises them.
 
+16-bit problems round Z to the input dtype for the tensor-core dot. In float16 each pixel's
+atoms are first scaled by a power of two that bounds their L1 norm by 1, so Z cannot overflow
+(|Z| <= max |x|); the accumulator is scaled back before the bias (exact: powers of two; see
+`tiles`). Z rows that are padding are zeroed before the dot, so an Inf in x or Ψ stays ±Inf.
+
 α is repacked by the launcher (`pack_weight`, a few KB) into [C_out, chunks, M_PAD, BLOCK_C]
 with zeros for padded atoms and channels: each program then reads an α chunk as contiguous
 rows with wide loads and no masks, instead of a strided gather that costs a 64-bit pointer
@@ -33,74 +38,14 @@ import triton
 import triton.language as tl
 
 import autotune_cache
-from triton.runtime.interpreter import InterpretedFunction
 
 from atomconv.validation import AtomConvGeometry, output_layout, validate_atom_conv2d
 
-from .configs import (KERNEL_DTYPES, ForwardConfig, ForwardLaunch, arch_of, fit_forward_config, forward_candidates,
-                      forward_shape_class, pick_forward_config, tf32_allowed, tuned_config)
-
-
-@triton.jit
-def _basis_to_atom(coeff_ptrs, coeff_mask, bases_ptr, stride_coeff_l, stride_bases_l, L,
-                   M_PAD: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Stage 1 for one tap: atoms [M_PAD, BLOCK_P] fp32, A[m, p] = Σ_l β[m*L + l, p] · Ψ[l].
-
-    coeff_ptrs [M_PAD, BLOCK_P] point at β[n, m*L, oh, ow]; bases_ptr at Ψ[0, i, j].
-    Atoms m >= M come out zero (masked β).
-    """
-    atoms = tl.zeros([M_PAD, BLOCK_P], dtype=tl.float32)
-    for l in range(L):
-        beta = tl.load(coeff_ptrs + l * stride_coeff_l, mask=coeff_mask, other=0.0).to(tl.float32)
-        psi = tl.load(bases_ptr + l * stride_bases_l).to(tl.float32)
-        atoms += beta * psi
-    return atoms
-
-
-@triton.jit
-def load_taps(x_ptrs, chan_mask, pix_mask, ih, iw, H, W, stride_x_h, stride_x_w):
-    """One tap of a channel chunk: x[n, c, ih, iw] as [BLOCK_C, BLOCK_P] fp32, zero where
-    (ih, iw) [BLOCK_P] falls outside the image (the padding). x_ptrs [BLOCK_C, BLOCK_P] point
-    at x[n, c, 0, 0]."""
-    tap_ok = pix_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    return tl.load(x_ptrs + (ih * stride_x_h + iw * stride_x_w)[None, :],
-                   mask=chan_mask[:, None] & tap_ok[None, :], other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _atom_times_features(x_ptrs, chan_mask, ih0, iw0, pix_mask, H, W, KH, KW, DH, DW,
-                         stride_x_h, stride_x_w, coeff_ptrs, coeff_mask, bases_ptr, stride_coeff_l,
-                         stride_bases_l, stride_bases_h, stride_bases_w, L,
-                         M_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Stage 2 for one channel chunk: Z [M_PAD, BLOCK_C, BLOCK_P] fp32,
-    Z[m, c, p] = Σ_taps A[m, p, tap] · x_tap[c, p], every tap summed before stage 3.
-
-    x_ptrs [BLOCK_C, BLOCK_P] point at x[n, c, 0, 0]; ih0, iw0 [BLOCK_P] int64 are the input
-    coordinates of tap (0, 0); taps outside the image read as zero (the padding).
-    """
-    z = tl.zeros([M_PAD, BLOCK_C, BLOCK_P], dtype=tl.float32)
-    for i in range(KH):
-        for j in range(KW):
-            taps = load_taps(x_ptrs, chan_mask, pix_mask, ih0 + i * DH, iw0 + j * DW, H, W, stride_x_h, stride_x_w)
-            atoms = _basis_to_atom(coeff_ptrs, coeff_mask, bases_ptr + i * stride_bases_h + j * stride_bases_w,
-                                   stride_coeff_l, stride_bases_l, L, M_PAD, BLOCK_P)
-            z += atoms[:, None, :] * taps[None, :, :]
-    return z
-
-
-@triton.jit
-def _coefficient_sum(acc, z, w_ptrs, w_mask, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, FP32_DOTS: tl.constexpr):
-    """Stage 3 for one channel chunk: acc [BLOCK_O, BLOCK_P] fp32 += α [BLOCK_O, BLOCK_K] @ Z [BLOCK_K, BLOCK_P],
-    w_ptrs [BLOCK_O, BLOCK_K] pointing at a packed α chunk (column k = m*BLOCK_C + c).
-
-    On a GPU, 16-bit problems round Z to the input dtype so the dot runs on tensor cores;
-    FP32_DOTS (the interpreter, whose bfloat16 arithmetic is broken) keeps both in fp32.
-    """
-    w = tl.load(w_ptrs, mask=w_mask, other=0.0)
-    dot_dtype: tl.constexpr = tl.float32 if FP32_DOTS else w_ptrs.dtype.element_ty
-    z = tl.reshape(z, [BLOCK_K, BLOCK_P]).to(dot_dtype)
-    return tl.dot(w.to(dot_dtype), z, acc, input_precision=DOT_PRECISION)
+from . import launch as launching
+from .configs import (ForwardConfig, ForwardLaunch, arch_of, fit_forward_config, forward_candidates,
+                      forward_shape_class, pick_forward_config, tuned_config)
+from .launch import INTERPRETING, check_int32_indexing, check_runnable, dot_precision, strides
+from .tiles import atom_l1, atom_times_features, coefficient_sum, offset, pixel_coords, pow2_scale
 
 
 @triton.jit
@@ -114,7 +59,7 @@ def atom_conv2d_fwd_kernel(
     stride_bias,
     stride_y_n, stride_y_c, stride_y_h, stride_y_w,
     BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, M_PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FP32_DOTS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """x [N, C_in, H, W], β (coeff) [N, M*L, H_out, W_out], Ψ (bases) [L, KH, KW],
     α (w) packed [C_out, cdiv(C_in_g, BLOCK_C), M_PAD, BLOCK_C] contiguous (`pack_weight`),
@@ -130,61 +75,57 @@ def atom_conv2d_fwd_kernel(
     pid_p, pid_go = pid // (G * num_o_tiles), pid % (G * num_o_tiles)
     group, pid_o = pid_go // num_o_tiles, pid_go % num_o_tiles
 
-    # Output pixels of this tile; offsets into x, β and y are int64 (batch * stride and
-    # channel * stride overflow int32 on large tensors).
+    # Output pixels of this tile (coordinates int64, see tiles.offset).
     pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     pix_mask = pix < num_pixels
-    n = (pix // (H_out * W_out)).to(tl.int64)
-    oh = ((pix // W_out) % H_out).to(tl.int64)
-    ow = (pix % W_out).to(tl.int64)
+    n, oh, ow = pixel_coords(pix, H_out, W_out)
     ih0 = oh * SH - PH
     iw0 = ow * SW - PW
     x_pix = n * stride_x_n  # [BLOCK_P]
 
     # β pointers [M_PAD, BLOCK_P] at β[n, m*L, oh, ow]; atoms m >= M are masked to zero.
     atom = tl.arange(0, M_PAD)
-    coeff_ptrs = coeff_ptr + (atom * L).to(tl.int64)[:, None] * stride_coeff_c \
+    coeff_ptrs = coeff_ptr + offset(atom * L, stride_coeff_c)[:, None] \
         + (n * stride_coeff_n + oh * stride_coeff_h + ow * stride_coeff_w)[None, :]
     coeff_mask = (atom < M)[:, None] & pix_mask[None, :]
+
+    # float16 Z would overflow for large atoms: scale each pixel's atoms by a power of two that
+    # bounds their L1 norm by 1 (|Z| <= max |x| then), undone on the output (see tiles).
+    atom_scale = tl.full([BLOCK_P], 1.0, tl.float32)
+    inverse_scale = tl.full([BLOCK_P], 1.0, tl.float32)
+    if y_ptr.dtype.element_ty == tl.float16:
+        bound = tl.zeros([M_PAD, BLOCK_P], dtype=tl.float32)
+        for i in range(KH):
+            for j in range(KW):
+                bound += atom_l1(coeff_ptrs, coeff_mask, bases_ptr + offset(i, stride_bases_h) + offset(j, stride_bases_w),
+                                 stride_coeff_c, stride_bases_l, L, M_PAD, BLOCK_P)
+        atom_scale, inverse_scale = pow2_scale(tl.max(bound, axis=0))
 
     # Output channels of this tile, inside the group and global; packed α rows.
     o_in_g = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     o_mask = o_in_g < C_out_g
     o_glob = group * C_out_g + o_in_g
-    w_ptrs = w_ptr + (o_glob * (tl.cdiv(C_in_g, BLOCK_C) * BLOCK_K))[:, None] + tl.arange(0, BLOCK_K)[None, :]
+    w_ptrs = w_ptr + offset(o_glob, tl.cdiv(C_in_g, BLOCK_C) * BLOCK_K)[:, None] + tl.arange(0, BLOCK_K)[None, :]
 
     chan = tl.arange(0, BLOCK_C)
     acc = tl.zeros([BLOCK_O, BLOCK_P], dtype=tl.float32)
     for c0 in range(0, C_in_g, BLOCK_C):
-        x_chan = (group * C_in_g + c0 + chan).to(tl.int64) * stride_x_c
-        z = _atom_times_features(x_ptr + x_chan[:, None] + x_pix[None, :], c0 + chan < C_in_g, ih0, iw0,
-                                 pix_mask, H, W, KH, KW, DH, DW, stride_x_h, stride_x_w, coeff_ptrs,
-                                 coeff_mask, bases_ptr, stride_coeff_c, stride_bases_l, stride_bases_h,
-                                 stride_bases_w, L, M_PAD, BLOCK_C, BLOCK_P)
+        chan_mask = c0 + chan < C_in_g
+        x_chan = offset(group * C_in_g + c0 + chan, stride_x_c)
+        z = atom_times_features(x_ptr + x_chan[:, None] + x_pix[None, :], chan_mask, ih0, iw0,
+                                pix_mask, H, W, KH, KW, DH, DW, stride_x_h, stride_x_w, coeff_ptrs,
+                                coeff_mask, atom_scale, bases_ptr, stride_coeff_c, stride_bases_l, stride_bases_h,
+                                stride_bases_w, L, M_PAD, BLOCK_C, BLOCK_P)
         # Chunk c0 // BLOCK_C of every packed α row starts c0 * M_PAD elements in.
-        acc = _coefficient_sum(acc, z, w_ptrs + c0 * M_PAD, o_mask[:, None], BLOCK_K, BLOCK_P,
-                               DOT_PRECISION, FP32_DOTS)
+        acc = coefficient_sum(acc, z, (atom < M)[:, None, None] & chan_mask[None, :, None], w_ptrs + c0 * M_PAD,
+                              o_mask[:, None], BLOCK_K, BLOCK_P, DOT_PRECISION, INTERPRETED)
 
+    acc *= inverse_scale[None, :]
     if bias_ptr is not None:
-        acc += tl.load(bias_ptr + o_glob * stride_bias, mask=o_mask, other=0.0).to(tl.float32)[:, None]
-    y_ptrs = y_ptr + o_glob.to(tl.int64)[:, None] * stride_y_c \
+        acc += tl.load(bias_ptr + offset(o_glob, stride_bias), mask=o_mask, other=0.0).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + offset(o_glob, stride_y_c)[:, None] \
         + (n * stride_y_n + oh * stride_y_h + ow * stride_y_w)[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=o_mask[:, None] & pix_mask[None, :])
-
-
-INTERPRETING = isinstance(atom_conv2d_fwd_kernel, InterpretedFunction)
-"""True when Triton interprets the kernels (TRITON_INTERPRET was set when this module was
-imported, `@triton.jit` decided then): tensors may live on the CPU, dots run in fp32."""
-
-_MAX_INT32 = 2**31 - 1
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 dots use TF32 only where PyTorch's own matmuls would (SPEC §6); the interpreter
-    only knows "ieee". The value does not matter for 16-bit dots."""
-    if dtype == torch.float32 and tf32_allowed() and not INTERPRETING:
-        return "tf32"
-    return "ieee"
 
 
 def forward_kernel_args(x, atom_coeff, bases, weight, bias, y, geo: AtomConvGeometry,
@@ -199,11 +140,11 @@ def forward_kernel_args(x, atom_coeff, bases, weight, bias, y, geo: AtomConvGeom
         num_pixels=geo.batch * h_out * w_out, H=geo.in_size[0], W=geo.in_size[1], H_out=h_out, W_out=w_out,
         G=geo.groups, C_in_g=geo.in_channels // geo.groups, C_out_g=geo.out_channels // geo.groups,
         M=geo.num_atoms, L=geo.num_bases, KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw,
-        **_strides("stride_x", "nchw", x), **_strides("stride_coeff", "nchw", atom_coeff),
-        **_strides("stride_bases", "lhw", bases),
-        stride_bias=0 if bias is None else bias.stride(0), **_strides("stride_y", "nchw", y),
+        **strides("stride_x", "nchw", x), **strides("stride_coeff", "nchw", atom_coeff),
+        **strides("stride_bases", "lhw", bases),
+        stride_bias=0 if bias is None else bias.stride(0), **strides("stride_y", "nchw", y),
         BLOCK_P=launch.BLOCK_P, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C, M_PAD=launch.M_PAD,
-        DOT_PRECISION=_dot_precision(x.dtype), FP32_DOTS=INTERPRETING,
+        DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,
     )
 
 
@@ -218,18 +159,14 @@ def pack_weight(weight: torch.Tensor, launch: ForwardLaunch) -> torch.Tensor:
     return packed.view(c_out, chunks, launch.BLOCK_C, launch.M_PAD).transpose(2, 3).contiguous()
 
 
-def _strides(prefix: str, dims: str, t: torch.Tensor) -> dict[str, int]:
-    """{"<prefix>_<dim>": stride} for each dimension of t, dims naming them in order."""
-    return {f"{prefix}_{d}": s for d, s in zip(dims, t.stride())}
-
-
 def atom_conv2d_forward(x, atom_coeff, bases, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """Fused forward (SPEC §1, §4): always Triton, no autograd.
 
     x [N, C_in, H, W], atom_coeff [N, M*L, H_out, W_out], bases [L, KH, KW],
     weight [C_out, C_in // groups, M], bias [C_out] or None -> y [N, C_out, H_out, W_out],
     in x's dtype (float16, bfloat16 or float32; float64 raises TypeError, the reference path
-    serves it), channels_last when x is. Inputs may have any strides.
+    serves it), channels_last when x is. Inputs may have any strides; the kernel runs on x's
+    device.
     """
     geo = validate_atom_conv2d(x, atom_coeff, bases, weight, bias, stride, padding, dilation, groups)
     return launch_forward(x, atom_coeff, bases, weight, bias, geo)
@@ -237,9 +174,9 @@ def atom_conv2d_forward(x, atom_coeff, bases, weight, bias=None, stride=1, paddi
 
 def launch_forward(x, atom_coeff, bases, weight, bias, geo: AtomConvGeometry, *,
                    config: ForwardConfig | None = None) -> torch.Tensor:
-    """Run the kernel on validated inputs (see `atom_conv2d_forward`); `config` forces a launch
-    config instead of the one `tuned_config` chooses."""
-    _check_runnable(x)
+    """Run the kernel on validated inputs (see `atom_conv2d_forward`), on x's device; `config`
+    forces a launch config instead of the one `tuned_config` chooses."""
+    check_runnable(x)
     y = torch.empty((geo.batch, geo.out_channels, *geo.out_size), dtype=x.dtype, device=x.device,
                     memory_format=output_layout(x))
     if y.numel() == 0:
@@ -252,19 +189,11 @@ def launch_forward(x, atom_coeff, bases, weight, bias, geo: AtomConvGeometry, *,
             footprint=lambda c: autotune_cache.forward_footprint(fit_forward_config(c, geo), shape, x.dtype, arch),
         )
     launch = fit_forward_config(config, geo)
-    atom_conv2d_fwd_kernel[_grid(geo, launch)](**forward_kernel_args(x, atom_coeff, bases, weight, bias, y, geo, launch),
-                                               num_warps=launch.num_warps, num_stages=launch.num_stages)
+    with launching.on_device_of(x):
+        atom_conv2d_fwd_kernel[_grid(geo, launch)](**forward_kernel_args(x, atom_coeff, bases, weight, bias, y, geo,
+                                                                         launch),
+                                                   num_warps=launch.num_warps, num_stages=launch.num_stages)
     return y
-
-
-def _check_runnable(x: torch.Tensor) -> None:
-    """Refuse, with a message, the dtypes and devices the kernel does not run on."""
-    if x.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"the Triton path supports float16, bfloat16 and float32, got x of dtype {x.dtype}; "
-                        "use backend='reference' for it")
-    if x.device.type != "cuda" and not INTERPRETING:
-        raise RuntimeError(f"the Triton path needs CUDA tensors, got x on {x.device} (set TRITON_INTERPRET=1 "
-                           "before importing kernels to run it on the CPU with Triton's interpreter)")
 
 
 def _grid(geo: AtomConvGeometry, launch: ForwardLaunch) -> tuple[int]:
@@ -275,15 +204,6 @@ def _grid(geo: AtomConvGeometry, launch: ForwardLaunch) -> tuple[int]:
     programs = num_pixel_tiles * geo.groups * triton.cdiv(geo.out_channels // geo.groups, launch.BLOCK_O)
     check_int32_indexing("N*H_out*W_out", num_pixels, launch.BLOCK_P, programs)
     return (programs,)
-
-
-def check_int32_indexing(what: str, num_pixels: int, block_p: int, programs: int) -> None:
-    """The kernels index pixels and programs in int32: refuse, with a message, a launch whose
-    padded pixel count or program count passes 2**31 (what: how the pixel count is made)."""
-    padded_pixels = triton.cdiv(num_pixels, block_p) * block_p
-    if max(padded_pixels, programs) > _MAX_INT32:
-        raise ValueError(f"the Triton path indexes pixels and programs in int32: {what} = {num_pixels} "
-                         f"needs {programs} programs of {block_p} pixels, over 2**31")
 
 
 autotune_cache.register_tuner("atom_conv2d_fwd", atom_conv2d_forward)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from atomconv.validation import AtomConvGeometry
-from kernels.configs import tf32_allowed
+from kernels.launch import tf32_allowed
 
 from .costs import atom_conv_macs_per_pixel, fused_forward_min_bytes
 

@@ -28,6 +28,7 @@ from autotune_cache import cache as cache_module
 from autotune_cache import keys
 from autotune_cache.layers import model_layer_shapes, parse_shape
 from autotune_cache.store import SCHEMA, CacheFile, Entry, OnceWarner, merge_into_file, read_cache_file
+from kernels import launch
 from kernels.configs import DEFAULT_FORWARD, ForwardConfig, fit_forward_config, forward_candidates
 
 GPU = "nvidia-test-gpu"
@@ -46,8 +47,10 @@ def never(config):
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    """A machine with a GPU named GPU, not interpreting, autotuning on."""
+    """A machine with a GPU named GPU, not interpreting, autotuning on, every candidate timed
+    (tests/test_tuning.py checks the cap on how many are)."""
     monkeypatch.setattr(keys, "gpu_name", lambda device: GPU)
+    monkeypatch.setattr(cache_module, "MAX_TIMED", len(CANDIDATES) + 1)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("ATOMCONV_AUTOTUNE", raising=False)
 
@@ -258,10 +261,19 @@ def test_spilling_configs_come_from_static_report_records():
     records = [{"kernel": KERNEL, "arch": arch, "dtype": str(dtype).removeprefix("torch."),
                 "config": ForwardConfig(p, o, k, w, 1).as_dict(), "spill_bytes": spill}
                for arch, dtype, p, o, k, w, _, _, spill in STATIC_REPORT]
-    assert autotune_cache.spilling_configs(records, KERNEL, torch.float16, "sm_80") == [
+    for record in records:
+        record.update(triton="3.9.0", kernel_size=3)
+    assert autotune_cache.spilling_configs(records, KERNEL, torch.float16, "sm_80", "3.9.0", 3) == [
         ForwardConfig(64, 64, 128, 8, 1).as_dict()]
-    assert autotune_cache.spilling_configs(records, KERNEL, torch.bfloat16, "sm_90") == []
-    assert autotune_cache.spilling_configs(records, "other", torch.float32, "sm_90") == []
+    assert autotune_cache.spilling_configs(records, KERNEL, torch.bfloat16, "sm_90", "3.9.0", 3) == []
+    assert autotune_cache.spilling_configs(records, "other", torch.float32, "sm_90", "3.9.0", 3) == []
+    # Another Triton allocates registers differently: its records say nothing about this one.
+    assert autotune_cache.spilling_configs(records, KERNEL, torch.float16, "sm_80", "3.6.0", 3) == []
+    # The records of the nearest kernel size decide: K=7 spills where K=3 does not.
+    at_7 = [dict(r, kernel_size=7, spill_bytes=64) for r in records if r["arch"] == "sm_90"]
+    assert autotune_cache.spilling_configs(records + at_7, KERNEL, torch.bfloat16, "sm_90", "3.9.0", 5) == []
+    assert autotune_cache.spilling_configs(records + at_7, KERNEL, torch.bfloat16, "sm_90", "3.9.0", 7) == [
+        ForwardConfig(64, 64, 256, 8, 1).as_dict()]
 
 
 def test_real_forward_candidates_on_a_tiny_problem_prune_to_a_few_launches():
@@ -401,6 +413,7 @@ def test_concurrent_writers_never_leave_a_partial_file_and_lose_nothing(tmp_path
 
 # --- end to end with the real forward kernel (interpreted) ----------------------------------
 
+@pytest.mark.skipif(not launch.INTERPRETING, reason="runs the kernel on CPU tensors, in Triton's interpreter")
 def test_the_forward_kernel_runs_with_the_config_the_cache_learns(tmp_path, fake_gpu, monkeypatch):
     monkeypatch.setattr(cache_module, "device_limits", lambda device: DeviceLimits(shared_bytes=163 * 1024))
     # The kernel runs in the interpreter, while the cache is told it is not (to let it benchmark).

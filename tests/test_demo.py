@@ -37,7 +37,20 @@ def test_scale_energy_and_atoms_against_a_direct_sum():
         torch.testing.assert_close(atoms[0, h, w], torch.einsum("ml,lij->mij", beta[:, :, h, w], layer.bases))
 
 
-def test_demo_runs_end_to_end_and_repeats_for_a_seed(tmp_path, capsys):
+@pytest.fixture
+def deterministic(monkeypatch):
+    """Deterministic algorithms for the repeat below: on CUDA, cuDNN's conv backward (the
+    demo's nn.Conv2d layers and generators) is not deterministic by default. Our kernels are
+    (no atomics)."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+
+
+def test_demo_runs_end_to_end_and_repeats_for_a_seed(tmp_path, capsys, deterministic):
     out = main(["--quick", "--out", str(tmp_path / "out"), "--seed", "1"])
     printed = capsys.readouterr()
 

@@ -1,0 +1,79 @@
+"""What every launcher does around a Triton launch: refuse what no kernel runs, launch on the
+inputs' device, and turn a PyTorch tensor's strides and numerics flags into kernel arguments.
+
+Triton launches a kernel on torch's *current* CUDA device and its current stream, not on the
+device its pointer arguments live on: `on_device_of` makes the inputs' device current for the
+launch (and for timing it), so a model on cuda:1 runs on cuda:1 while cuda:0 is current.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_INT32 = 2**31 - 1
+
+
+@triton.jit
+def _probe():
+    pass
+
+
+INTERPRETING = isinstance(_probe, InterpretedFunction)
+"""True when Triton interprets the kernels (TRITON_INTERPRET was set when `kernels` was first
+imported: `@triton.jit` decides then). Tensors may then live on the CPU, and the kernels' dots
+run on fp32 operands (the interpreter's 16-bit arithmetic is broken) that were first rounded to
+the 16-bit dtype a GPU's tensor cores would read (`tiles.dot_operand`)."""
+
+
+def on_device_of(t: torch.Tensor):
+    """The context to launch (or time) a kernel on t's device and that device's current stream:
+    `torch.cuda.device(t.device)` for a CUDA tensor, nothing for a CPU one (the interpreter)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def check_runnable(x: torch.Tensor) -> None:
+    """Refuse, with a message, the dtypes and devices the kernels do not run on."""
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"the Triton path supports float16, bfloat16 and float32, got x of dtype {x.dtype}; "
+                        "use backend='reference' for it")
+    if x.device.type != "cuda" and not INTERPRETING:
+        raise RuntimeError(f"the Triton path needs CUDA tensors, got x on {x.device} (set TRITON_INTERPRET=1 "
+                           "before importing kernels to run it on the CPU with Triton's interpreter)")
+
+
+def tf32_allowed() -> bool:
+    """Whether PyTorch's own CUDA matmuls use TF32 for float32 (SPEC §6): the per-backend
+    `fp32_precision` where torch has it (2.9 and newer; reading the legacy `allow_tf32` raises
+    there once the new API was used), else the legacy flag."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")
+    return precision == "tf32" if precision != "none" else bool(matmul.allow_tf32)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 dots use TF32 only where PyTorch's own matmuls would (SPEC §6); the interpreter only
+    knows "ieee". The value does not matter for 16-bit dots."""
+    if dtype == torch.float32 and tf32_allowed() and not INTERPRETING:
+        return "tf32"
+    return "ieee"
+
+
+def strides(prefix: str, dims: str, t: torch.Tensor) -> dict[str, int]:
+    """{"<prefix>_<dim>": stride} for each dimension of t, dims naming them in order."""
+    return {f"{prefix}_{d}": s for d, s in zip(dims, t.stride())}
+
+
+def check_int32_indexing(what: str, num_pixels: int, block_p: int, programs: int) -> None:
+    """The kernels index pixels and programs in int32 (tensor offsets are int64): refuse, with a
+    message, a launch whose padded pixel count or program count passes 2**31 (what: how the pixel
+    count is made)."""
+    padded_pixels = triton.cdiv(num_pixels, block_p) * block_p
+    if max(padded_pixels, programs) > MAX_INT32:
+        raise ValueError(f"the Triton path indexes pixels and programs in int32: {what} = {num_pixels} "
+                         f"needs {programs} programs of {block_p} pixels, over 2**31")
+

@@ -1,0 +1,177 @@
+"""What the launchers promise about where and how a kernel runs: every offset into a tensor in
+int64, and every launch (and timing) on the inputs' device.
+
+int64: Triton computes products of int32 values in int32 and wraps silently, in the interpreter
+as on a GPU. The kernels build offsets only with `kernels.tiles.offset` and `pixel_coords`, tested
+here directly, and run end to end on views whose offsets pass 2**31: views into a sparse
+memory-mapped file, so that only the few pages the kernels touch ever exist.
+"""
+
+import contextlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import kernels
+from kernels import backward, forward, launch, tiles
+from helpers import DEVICE, make_problem, to
+
+REPO = Path(__file__).resolve().parents[1]
+interpreter_only = pytest.mark.skipif(not launch.INTERPRETING, reason="drives the kernels on CPU tensors")
+
+
+@triton.jit
+def _index_helpers_kernel(index_ptr, stride, pix_ptr, H, W, offset_ptr, n_ptr, row_ptr, col_ptr, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.store(offset_ptr + i, tiles.offset(tl.load(index_ptr + i), stride))
+    n, row, col = tiles.pixel_coords(tl.load(pix_ptr + i), H, W)
+    tl.store(n_ptr + i, n)
+    tl.store(row_ptr + i, row)
+    tl.store(col_ptr + i, col)
+
+
+@interpreter_only
+def test_index_helpers_are_exact_past_2_31():
+    index = torch.tensor([0, 1, 3, 5, 7, 1000, 2047, 65535], dtype=torch.int32)
+    pix = torch.tensor([0, 1, 2**31 - 1, 2**31 - 2, 123456789, 2**30, 77, 2**31 - 4097], dtype=torch.int32)
+    stride, (h, w) = 2**30 + 3, (4099, 4093)
+    out = [torch.empty(8, dtype=torch.int64) for _ in range(4)]
+    _index_helpers_kernel[(1,)](index, stride, pix, h, w, *out, BLOCK=8)
+    assert out[0].tolist() == [i * stride for i in index.tolist()]
+    assert [out[1].tolist(), out[2].tolist(), out[3].tolist()] == [
+        [p // (h * w) for p in pix.tolist()], [p // w % h for p in pix.tolist()], [p % w for p in pix.tolist()]]
+
+
+LARGE_OFFSETS = textwrap.dedent("""
+    import os, sys, tempfile
+    import torch
+    import kernels
+    from atomconv.reference import atom_conv2d_reference, atom_conv2d_reference_backward
+    from atomconv.validation import validate_atom_conv2d
+
+    def sparse_view(shape, strides, directory):
+        # A view of a sparse file: only the pages the test and the kernels touch take memory.
+        numel = 1 + sum((s - 1) * st for s, st in zip(shape, strides))
+        path = os.path.join(directory, f"t{len(os.listdir(directory))}")
+        with open(path, "wb") as f:
+            f.truncate(numel * 4)
+        return torch.from_file(path, shared=True, size=numel, dtype=torch.float32).as_strided(shape, strides)
+
+    g = torch.Generator().manual_seed(0)
+    n, c_in, c_out, (h, w), m, num_bases = 2, 3, 4, (5, 6), 2, 6
+    with tempfile.TemporaryDirectory() as tmp:
+        # x: sample 1 starts 2**31 + 8 elements in; β: channel m*L + l starts (m*L + l) * 2**29 in.
+        x = sparse_view((n, c_in, h, w), (2**31 + 8, h * w, w, 1), tmp)
+        beta = sparse_view((n, m * num_bases, h, w), (h * w, 2**29, w, 1), tmp)
+        x.copy_(torch.randn(x.shape, generator=g))
+        beta.copy_(torch.randn(beta.shape, generator=g))
+        bases, weight = torch.randn(num_bases, 3, 3, generator=g), torch.randn(c_out, c_in, m, generator=g)
+        bias, grad_y = torch.randn(c_out, generator=g), torch.randn(n, c_out, h, w, generator=g)
+        geo = validate_atom_conv2d(x, beta, bases, weight, bias, 1, 1, 1, 1)
+        compact = [t.double().contiguous() for t in (x, beta, bases, weight)]
+        expected_y = atom_conv2d_reference(*compact, bias.double(), geo)
+        expected = atom_conv2d_reference_backward(grad_y.double(), *compact, geo, (True, True, True, True))
+        y = kernels.atom_conv2d_forward(x, beta, bases, weight, bias, 1, 1, 1, 1)
+        grads = kernels.atom_conv2d_backward(grad_y, x, beta, bases, weight, 1, 1, 1, 1)
+        for name, got, want in zip(["y", "dx", "dbeta", "dbases", "dweight"], [y, *grads], [expected_y, *expected]):
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    print("ok")
+""")
+
+
+@interpreter_only
+def test_kernels_read_views_whose_offsets_pass_2_31():
+    """End to end, in a subprocess (a wrapped int32 offset reads outside the mapping: a crash)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", LARGE_OFFSETS], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-3000:])
+
+
+# --- every launch and every timing on the inputs' device --------------------------------------
+
+@pytest.fixture
+def guarded_launches(monkeypatch):
+    """Replace `launch.on_device_of` by a recorder and every kernel by a wrapper that notes, at
+    each launch, the device of the guard it runs under (None outside any guard)."""
+    current, seen = [], []
+
+    @contextlib.contextmanager
+    def recording_guard(t):
+        current.append(t.device)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    monkeypatch.setattr(launch, "on_device_of", recording_guard)
+    for module, name in ((forward, "atom_conv2d_fwd_kernel"), (backward, "atom_conv2d_bwd_coeff_kernel"),
+                         (backward, "atom_conv2d_bwd_weight_kernel"), (backward, "atom_conv2d_bwd_input_kernel")):
+        kernel = getattr(module, name)
+
+        class Recording:
+            def __getitem__(self, grid, kernel=kernel, name=name):
+                seen.append((name, current[-1] if current else None))
+                return kernel[grid]
+
+        monkeypatch.setattr(module, name, Recording())
+    return seen
+
+
+@pytest.mark.skipif(DEVICE == "cpu" and not launch.INTERPRETING, reason="needs a GPU or Triton's interpreter")
+def test_every_kernel_launches_under_a_guard_for_its_inputs_device(guarded_launches):
+    tensors, kwargs = make_problem(1, 3, 4, (5, 6), 3, padding=1)
+    x, atom_coeff, bases, weight, bias = to(tensors, torch.float32)
+    kernels.atom_conv2d_forward(x, atom_coeff, bases, weight, bias, **kwargs)
+    kernels.atom_conv2d_backward(torch.randn(1, 4, 5, 6, device=DEVICE), x, atom_coeff, bases, weight, **kwargs)
+    assert sorted(name for name, _ in guarded_launches) == sorted(
+        ["atom_conv2d_fwd_kernel", "atom_conv2d_bwd_coeff_kernel", "atom_conv2d_bwd_weight_kernel",
+         "atom_conv2d_bwd_input_kernel"])
+    assert {device for _, device in guarded_launches} == {x.device}
+
+
+def test_tuning_times_under_a_guard_for_the_inputs_device(monkeypatch):
+    """The benchmark the cache runs (do_bench) is timed on the inputs' device too."""
+    from kernels import configs
+
+    devices = []
+
+    @contextlib.contextmanager
+    def recording_guard(t):
+        devices.append(t.device)
+        yield
+
+    timed = []
+    monkeypatch.setattr(configs, "on_device_of", recording_guard)
+    monkeypatch.setattr(configs.autotune_cache, "time_launch", lambda run: timed.append(list(devices)) or 1.0)
+    monkeypatch.setattr(configs.autotune_cache, "get_config",
+                        lambda kernel, *, benchmark, candidates, default, **_: benchmark(default) and default)
+    tensors, kwargs = make_problem(1, 3, 4, (5, 6), 3, padding=1)
+    x = tensors[0]
+    from atomconv.validation import validate_atom_conv2d
+
+    geo = validate_atom_conv2d(*tensors, **kwargs)
+    default = configs.DEFAULT_FORWARD[torch.float32, "sm_80"]
+    assert configs.tuned_config("atom_conv2d_fwd", x.float(), geo, [default], default, run=lambda c: None) == default
+    assert timed == [[x.device]]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_runs_on_the_second_device_while_the_first_is_current():
+    from test_kernels_forward import assert_close, reference
+
+    tensors, kwargs = make_problem(2, 5, 6, (9, 8), 3, padding=1)
+    inputs = tuple(t.to("cuda:1", torch.float32) for t in tensors)
+    with torch.cuda.device(0):
+        y = kernels.atom_conv2d_forward(*inputs, **kwargs)
+        grads = kernels.atom_conv2d_backward(torch.ones_like(y), *inputs[:4], **kwargs)
+    assert y.device == torch.device("cuda:1") and all(g.device == y.device for g in grads)
+    assert_close(y, reference(inputs, kwargs), torch.float32)

@@ -1,0 +1,89 @@
+"""Numerics of the fused kernels that a GPU's tensor cores decide, checked where a CPU can see them.
+
+Under Triton's interpreter the kernels round every dot operand to the 16-bit dtype a GPU's tensor
+cores read (`kernels.tiles.dot_operand`), so the overflow of a float16 operand shows up here as it
+would on a GPU. Inf inputs must give ±Inf where the reference does: padding lanes (atoms past M,
+channels past the group) must not turn them into NaN (0 * Inf).
+"""
+
+import pytest
+import torch
+
+import kernels
+from atomconv.reference import atom_conv2d_reference
+from atomconv.validation import validate_atom_conv2d
+from helpers import DEVICE, REL_TOL
+
+NAMES = ("x", "atom_coeff", "bases", "weight")
+GEOMETRY = dict(stride=1, padding=0, dilation=1, groups=1)
+
+
+def reference(inputs, kwargs, grad_y):
+    """float64 reference output and gradients of (x, atom_coeff, bases, weight) on the given inputs."""
+    leaves = [t.detach().double().cpu().requires_grad_() for t in inputs]
+    y = atom_conv2d_reference(*leaves, None, validate_atom_conv2d(*leaves, None, **kwargs))
+    return y.detach(), torch.autograd.grad(y, leaves, grad_y.double().cpu())
+
+
+def fused(inputs, kwargs, grad_y):
+    return kernels.atom_conv2d_forward(*inputs, **kwargs), kernels.atom_conv2d_backward(grad_y, *inputs, **kwargs)
+
+
+def large_atoms_problem():
+    """x = 1, Ψ = β = 300, α = 1e-4, 3x3, padding 1, float16: each atom tap is L * 300**2 = 3.6e5,
+    Z reaches 3.2e6 (past float16's 65504), yet y <= C_in * M * L * 81 = 1296 and dx <= 1944."""
+    n, c_in, c_out, hw, m, num_bases = 1, 2, 3, (5, 6), 2, 4
+    x = torch.ones(n, c_in, *hw)
+    atom_coeff = torch.full((n, m * num_bases, *hw), 300.0)
+    bases = torch.full((num_bases, 3, 3), 300.0)
+    weight = torch.full((c_out, c_in, m), 1e-4)
+    grad_y = torch.ones(n, c_out, *hw)
+    return [t.to(DEVICE, torch.float16) for t in (x, atom_coeff, bases, weight)], GEOMETRY | dict(padding=1), \
+        grad_y.to(DEVICE, torch.float16)
+
+
+def test_float16_atoms_too_large_for_float16_z_do_not_overflow():
+    inputs, kwargs, grad_y = large_atoms_problem()
+    y, grads = fused(inputs, kwargs, grad_y)
+    expected_y, expected_grads = reference(inputs, kwargs, grad_y)
+    assert expected_y.abs().max() < 1300 and expected_grads[0].abs().max() < 1950  # α is 1e-4 rounded to float16
+    assert torch.isfinite(y).all() and torch.isfinite(grads[0]).all()
+    torch.testing.assert_close(y.double().cpu(), expected_y, rtol=REL_TOL[torch.float16], atol=0)
+    for name, grad, expected in zip(NAMES, grads, expected_grads):
+        # dα sums 3e6-sized products over pixels: it overflows float16 as the true value does.
+        torch.testing.assert_close(grad.double().cpu(), expected.to(torch.float16).double(),
+                                   rtol=REL_TOL[torch.float16], atol=0, msg=lambda m: f"d{name}: {m}")
+
+
+def positive_problem(dtype, inf_in):
+    """Positive inputs (so no Inf can cancel) with one +Inf in x or in Ψ; M = 3 and C_in = 3 leave
+    padded atom and channel lanes in every tile. Padding 0: no tap reads the zero padding, which
+    would make 0 * Inf = NaN in the reference too."""
+    g = torch.Generator().manual_seed(0)
+    n, c_in, c_out, hw, m, num_bases = 2, 3, 5, (6, 7), 3, 4
+
+    def uniform(*shape):
+        return 0.1 + 0.9 * torch.rand(shape, generator=g)
+
+    x, bases = uniform(n, c_in, *hw), uniform(num_bases, 3, 3)
+    if inf_in == "x":
+        x[1, 2, 3, 4] = float("inf")
+    else:
+        bases[2, 1, 0] = float("inf")
+    inputs = [x, uniform(n, m * num_bases, 4, 5), bases, uniform(c_out, c_in, m)]
+    return [t.to(DEVICE, dtype) for t in inputs], GEOMETRY, uniform(n, c_out, 4, 5).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("inf_in", ["x", "bases"])
+def test_inf_stays_inf(dtype, inf_in):
+    inputs, kwargs, grad_y = positive_problem(dtype, inf_in)
+    y, grads = fused(inputs, kwargs, grad_y)
+    expected_y, expected_grads = reference(inputs, kwargs, grad_y)
+    assert torch.isinf(expected_y).any() and not torch.isnan(expected_y).any()
+    tol = dict(rtol=REL_TOL[dtype], atol=0)
+    torch.testing.assert_close(y.double().cpu(), expected_y.to(dtype).double(), **tol)
+    for name, grad, expected in zip(NAMES, grads, expected_grads):
+        assert not torch.isnan(expected).any()
+        torch.testing.assert_close(grad.double().cpu(), expected.to(dtype).double(), **tol,
+                                   msg=lambda m: f"d{name}: {m}")

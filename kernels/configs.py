@@ -101,7 +101,7 @@ _SM90_16BIT = ForwardConfig(block_p=64, block_o=64, block_k=256, num_warps=8, nu
 DEFAULT_FORWARD: dict[tuple[torch.dtype, str], ForwardConfig] = {
     (torch.float16, "sm_80"): _SM80_16BIT,
     (torch.bfloat16, "sm_80"): _SM80_16BIT,
-    (torch.float32, "sm_80"): ForwardConfig(block_p=32, block_o=32, block_k=128, num_warps=4, num_stages=1),
+    (torch.float32, "sm_80"): ForwardConfig(block_p=64, block_o=64, block_k=256, num_warps=8, num_stages=1),
     (torch.float16, "sm_90"): _SM90_16BIT,
     (torch.bfloat16, "sm_90"): _SM90_16BIT,
     (torch.float32, "sm_90"): ForwardConfig(block_p=64, block_o=64, block_k=128, num_warps=8, num_stages=1),
@@ -219,19 +219,23 @@ _WEIGHT_GRAD = (
 )
 _INPUT_GRAD = _WIDE + _NARROW  # the forward's tiles, on the transposed problem
 
-# Defaults: each compiles without spills for sm_80 and sm_90 with Triton 3.6 and 3.9 alike (the
-# dβ one also when it reduces dΨ too). Wide output-channel tiles (block_o=64) let the dα kernel
-# rebuild each Z tile once for C_out <= 64, as the forward does.
-_COEFF_16BIT = {"sm_80": ForwardConfig(block_p=32, block_o=64, block_k=128, num_warps=8, num_stages=1),
-                "sm_90": ForwardConfig(block_p=64, block_o=64, block_k=128, num_warps=8, num_stages=1)}
-_COEFF_FP32 = {"sm_80": ForwardConfig(block_p=32, block_o=32, block_k=64, num_warps=8, num_stages=1),
-               "sm_90": ForwardConfig(block_p=32, block_o=64, block_k=128, num_warps=8, num_stages=1)}
+# Defaults: each compiles without spills for sm_80 and sm_90 at K=3, 5 and 7 (the static report's
+# problems). Wide output-channel tiles (block_o=64) let the dα kernel rebuild each Z tile once for
+# C_out <= 64, as the forward does.
+_COEFF_16BIT = ForwardConfig(block_p=64, block_o=64, block_k=128, num_warps=8, num_stages=1)
+_COEFF_FP32 = {"sm_80": ForwardConfig(block_p=32, block_o=32, block_k=64, num_warps=4, num_stages=1),
+               "sm_90": ForwardConfig(block_p=64, block_o=64, block_k=128, num_warps=8, num_stages=1)}
 DEFAULT_COEFF_GRAD: dict[tuple[torch.dtype, str], ForwardConfig] = {
-    (dtype, arch): (_COEFF_FP32 if dtype == torch.float32 else _COEFF_16BIT)[arch]
+    (dtype, arch): _COEFF_FP32[arch] if dtype == torch.float32 else _COEFF_16BIT
     for dtype in KERNEL_DTYPES for arch in ARCHS
 }
-# Reducing dΨ as well holds β [M_PAD, L_PAD, BLOCK_P] and dΨ's partial in registers besides.
-DEFAULT_COEFF_BASES_GRAD: dict[tuple[torch.dtype, str], ForwardConfig] = dict(DEFAULT_COEFF_GRAD)
+# Reducing dΨ as well holds β [M_PAD, L_PAD, BLOCK_P] and dΨ's partial in registers besides:
+# narrower pixel tiles (the dβ defaults spill at K=7).
+DEFAULT_COEFF_BASES_GRAD: dict[tuple[torch.dtype, str], ForwardConfig] = {
+    (dtype, arch): ForwardConfig(block_p=32, block_o=32 if dtype == torch.float32 else 64,
+                                 block_k=64 if dtype == torch.float32 else 128, num_warps=8, num_stages=1)
+    for dtype in KERNEL_DTYPES for arch in ARCHS
+}
 _WEIGHT_16BIT = ForwardConfig(block_p=64, block_o=64, block_k=128, num_warps=8, num_stages=1)
 _WEIGHT_FP32 = ForwardConfig(block_p=32, block_o=64, block_k=64, num_warps=4, num_stages=1)
 DEFAULT_WEIGHT_GRAD: dict[tuple[torch.dtype, str], ForwardConfig] = {

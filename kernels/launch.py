@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
@@ -28,6 +29,16 @@ INTERPRETING = isinstance(_probe, InterpretedFunction)
 imported: `@triton.jit` decides then). Tensors may then live on the CPU, and the kernels' dots
 run on fp32 operands (the interpreter's 16-bit arithmetic is broken) that were first rounded to
 the 16-bit dtype a GPU's tensor cores would read (`tiles.dot_operand`)."""
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:2])
+
+
+if INTERPRETING and _version(triton.__version__) < (3, 7) and _version(np.__version__) >= (2, 4):
+    raise ImportError(f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) fails with numpy "
+                      f"{np.__version__} ('only 0-dimensional arrays can be converted to Python scalars'): "
+                      "install numpy<2.4 with it, or Triton 3.7 or newer")
 
 
 def on_device_of(t: torch.Tensor):

@@ -15,6 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_LIMIT_BYTES = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
+KERNEL_SIZES = (3, 5, 7)
 KERNELS = ("atom_conv2d_fwd", "atom_conv2d_bwd_coeff", "atom_conv2d_bwd_coeff_bases", "atom_conv2d_bwd_weight",
            "atom_conv2d_bwd_input")
 
@@ -30,11 +31,13 @@ def default_records(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-def test_every_default_is_compiled(default_records):
-    compiled = {(r["kernel"], r["arch"], r["dtype"]) for r in default_records}
-    assert compiled == {(kernel, arch, dtype) for kernel in KERNELS for arch in SHARED_LIMIT_BYTES
-                        for dtype in ("float16", "bfloat16", "float32")}
-    assert all(r["default"] for r in default_records)
+def test_every_default_is_compiled_at_every_kernel_size_by_the_running_triton(default_records):
+    import triton
+
+    compiled = {(r["kernel"], r["arch"], r["dtype"], r["kernel_size"]) for r in default_records}
+    assert compiled == {(kernel, arch, dtype, k) for kernel in KERNELS for arch in SHARED_LIMIT_BYTES
+                        for dtype in ("float16", "bfloat16", "float32") for k in KERNEL_SIZES}
+    assert all(r["default"] and r["triton"] == triton.__version__ for r in default_records)
 
 
 def test_shared_memory_fits(default_records):
@@ -42,12 +45,13 @@ def test_shared_memory_fits(default_records):
         assert r["shared_bytes"] <= SHARED_LIMIT_BYTES[r["arch"]], r
 
 
-def test_16_bit_defaults_use_tensor_cores_without_spills(default_records):
-    """Every kernel has a GEMM-shaped stage (the forward's and dx's coefficient sums, the dZ dot
-    of dβ, the dy @ Zᵀ of dα): in 16 bits it must run on tensor cores."""
+def test_defaults_do_not_spill_and_16_bit_ones_use_tensor_cores(default_records):
+    """No default spills at any kernel size. Every kernel has a GEMM-shaped stage (the forward's
+    and dx's coefficient sums, the dZ dot of dβ, the dy @ Zᵀ of dα): in 16 bits it must run on
+    tensor cores."""
     for r in default_records:
+        assert r["spill_bytes"] == 0, r
         if r["dtype"] in ("float16", "bfloat16"):
-            assert r["spill_bytes"] == 0, r
             assert r["mma"] > 0, r
 
 
@@ -64,24 +68,34 @@ def test_committed_report_covers_every_candidate():
         "atom_conv2d_bwd_input": configs.input_grad_candidates(),
     }
     records = json.loads(configs.STATIC_REPORT.read_text())
-    reported = {(r["kernel"], r["arch"], r["dtype"], tuple(sorted(r["config"].items()))) for r in records}
-    expected = {(kernel, arch, dtype, tuple(sorted(c.as_dict().items())))
+    reported = {(r["kernel"], r["arch"], r["dtype"], r["kernel_size"], tuple(sorted(r["config"].items())))
+                for r in records}
+    expected = {(kernel, arch, dtype, k, tuple(sorted(c.as_dict().items())))
                 for kernel, cands in candidates.items() for c in cands
-                for arch in SHARED_LIMIT_BYTES for dtype in ("float16", "bfloat16", "float32")}
+                for arch in SHARED_LIMIT_BYTES for dtype in ("float16", "bfloat16", "float32") for k in KERNEL_SIZES}
     assert expected <= reported, sorted(expected - reported)[:5]
+    assert len({r["triton"] for r in records}) == 1
 
 
-def test_launchers_drop_candidates_the_report_shows_spilling():
+def test_launchers_drop_candidates_the_report_shows_spilling_only_for_its_triton(monkeypatch):
     import torch
 
     from kernels import configs
 
     records = json.loads(configs.STATIC_REPORT.read_text())
     spilling = next(r for r in records if r["spill_bytes"] > 0 and not r["default"])
-    kernel, dtype = spilling["kernel"], getattr(torch, spilling["dtype"])
+    kernel, dtype, k = spilling["kernel"], getattr(torch, spilling["dtype"]), spilling["kernel_size"]
     candidates = tuple(c for c in configs.all_forward_candidates() + configs.coeff_grad_candidates()
                        + configs.weight_grad_candidates() + configs.input_grad_candidates())
     default = candidates[0] if candidates[0].as_dict() != spilling["config"] else candidates[1]
-    kept = configs._unspilled(kernel, candidates, default, dtype, spilling["arch"])
     assert spilling["config"] in [c.as_dict() for c in candidates]
-    assert spilling["config"] not in [c.as_dict() for c in kept] and default in kept
+
+    def kept_by(triton_version):
+        configs._unspilled.cache_clear()
+        monkeypatch.setattr("triton.__version__", triton_version)
+        return [c.as_dict() for c in configs._unspilled(kernel, candidates, default, dtype, spilling["arch"], k)]
+
+    assert spilling["config"] not in kept_by(spilling["triton"]) and default.as_dict() in kept_by(spilling["triton"])
+    # Compiled by another Triton, the report says nothing about the one that runs: nothing is dropped.
+    assert kept_by("0.0.1") == [c.as_dict() for c in candidates]
+    configs._unspilled.cache_clear()

@@ -169,4 +169,23 @@ def test_deterministic_mode_gives_identical_gradients(backend):
 
 def test_op_refuses_unknown_backend():
     with pytest.raises(ValueError, match="backend must be one of"):
-        atom_conv2d_op(*_problem(requires_grad=False), *OP_GEOMETRY, "auto")
+        atom_conv2d_op(*_problem(requires_grad=False), *OP_GEOMETRY, "cudnn")
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_double_backward_fails_at_create_graph_and_says_why(backend):
+    inputs = _problem()
+    y = atom_conv2d(*inputs, **GEOMETRY, backend=backend)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        torch.autograd.grad(y.square().sum(), inputs[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        atom_conv2d(*inputs, **GEOMETRY, backend=backend).sum().backward(create_graph=True)
+
+
+@pytest.mark.parametrize("transform", [torch.func.grad, torch.func.jacrev])
+def test_torch_func_transforms_say_they_are_unsupported(transform):
+    x, atom_coeff, bases, weight, bias = _problem(requires_grad=False)
+    with pytest.raises(RuntimeError, match="torch.func transforms that differentiate .* are not supported"):
+        transform(lambda x: atom_conv2d(x, atom_coeff, bases, weight, bias, **GEOMETRY).sum())(x)
+

@@ -177,6 +177,8 @@ def build_report(archs=configs.ARCHS, dtypes=configs.KERNEL_DTYPES, defaults_onl
     records = []
     for kernel, variants in KERNELS.items():
         for dtype in dtypes:
+            print(f"static report: compiling {kernel} {str(dtype).removeprefix('torch.')} for {', '.join(archs)} "
+                  f"({len(records)} variants so far)", file=sys.stderr, flush=True)
             for variant in variants(dtype):
                 for arch in archs:
                     if defaults_only and DEFAULTS[kernel][dtype, arch] != variant.config:

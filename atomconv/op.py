@@ -67,7 +67,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     return "reference"
 
 
-def _ran(what: str, backend: str, x: Tensor) -> None:
+def _log_backend(what: str, backend: str, x: Tensor) -> None:
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("atomconv::%s ran backend=%r on %s %s", what, backend, x.device, x.dtype)
 
@@ -85,7 +85,7 @@ def atom_conv2d_op(x: Tensor, atom_coeff: Tensor, bases: Tensor, weight: Tensor,
     """y [N, C_out, H_out, W_out] = docs/design.md §1 of the inputs (shapes as `atomconv.atom_conv2d`)."""
     backend = resolve_backend(backend, x.device, x.dtype)
     geo = validate_atom_conv2d(x, atom_coeff, bases, weight, bias, stride, padding, dilation, groups)
-    _ran("atom_conv2d", backend, x)
+    _log_backend("atom_conv2d", backend, x)
     with _no_autocast(x.device):
         if backend == "triton":  # triton is imported only when this path is taken
             return triton_kernels().forward.launch_forward(x, atom_coeff, bases, weight, bias, geo)
@@ -108,7 +108,7 @@ def atom_conv2d_backward_op(grad_y: Tensor, x: Tensor, atom_coeff: Tensor, bases
     backend = resolve_backend(backend, x.device, x.dtype)
     geo = validate_atom_conv2d(x, atom_coeff, bases, weight, None, stride, padding, dilation, groups)
     inputs = (x, atom_coeff, bases, weight)
-    _ran("atom_conv2d_backward", backend, x)
+    _log_backend("atom_conv2d_backward", backend, x)
     with _no_autocast(x.device):
         if backend == "triton":
             backward = triton_kernels().backward.launch_backward

@@ -202,3 +202,15 @@ def test_sweep_on_gpu_times_the_fused_path():
     assert set(fused["direction"]) == {"forward", "forward+backward"} and fused["median_ms"].gt(0).all()
     bounds = fused.loc[fused["direction"] == "forward", "roofline_px_s"]
     assert bounds.notna().all() if known_gpu(machine.label) else bounds.isna().all()
+
+
+def test_onnx_export_cli_on_a_small_layer(capsys, one_thread):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from perf import onnx_export
+
+    assert onnx_export.main(["--batch", "1", "--channels", "4", "--size", "6"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "max |onnxruntime - eager|" in line]
+    assert [line.split(":")[0] for line in lines] == ["layer (generator + operator)", "operator alone"]
+    errors = [float(line.split("= ")[1].split(" ")[0]) for line in lines]
+    assert max(errors) < 1e-4

@@ -204,6 +204,7 @@ def test_sweep_on_gpu_times_the_fused_path():
     assert bounds.notna().all() if known_gpu(machine.label) else bounds.isna().all()
 
 
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning")
 def test_onnx_export_cli_on_a_small_layer(capsys, one_thread):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

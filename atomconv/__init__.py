@@ -1,8 +1,10 @@
 """atomconv: adaptive convolutions with per-pixel dynamic filter atoms (ACDA, ICCV 2021)."""
 
-from .bases import fourier_bessel_bases
-from .convert import convert_conv2d
-from .functional import atom_conv2d
-from .layer import AtomConv2d
+__version__ = "0.2.0"
 
-__all__ = ["AtomConv2d", "atom_conv2d", "convert_conv2d", "fourier_bessel_bases"]
+from .bases import fourier_bessel_bases  # noqa: E402
+from .convert import ConversionReport, convert_conv2d  # noqa: E402
+from .functional import atom_conv2d  # noqa: E402
+from .layer import AtomConv2d  # noqa: E402
+
+__all__ = ["AtomConv2d", "ConversionReport", "atom_conv2d", "convert_conv2d", "fourier_bessel_bases", "__version__"]

@@ -1,4 +1,4 @@
-"""Fourier–Bessel multi-scale bases (SPEC §2).
+"""Fourier–Bessel multi-scale bases (docs/design.md §2).
 
 A scale of half-width h samples, on a (2h+1)×(2h+1) grid, the Fourier–Bessel functions
 J_k(z_kq r) cos/sin(kθ) of the disc of radius h + 0.5, lowest frequencies first. The

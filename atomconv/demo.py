@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .convert import convert_conv2d
+from .convert import ConversionReport, convert_conv2d
 from .layer import AtomConv2d
 from .reference import basis_to_atom
 
@@ -66,7 +66,8 @@ def build_cnn() -> nn.Sequential:
 
 def build_atom_cnn() -> tuple[nn.Sequential, str]:
     """build_cnn() with its 3×3 and 5×5 convs made AtomConv2d -> (model, conversion report text)."""
-    model, report = convert_conv2d(build_cnn())
+    report = ConversionReport()
+    model = convert_conv2d(build_cnn(), report=report)
     return model, str(report)
 
 
@@ -223,7 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     x_train, y_train, x_test, y_test = (t.to(device) for t in load_digits_split(args.seed, args.quick))
-    print(f"digits: {len(x_train)} training and {len(x_test)} test images, {IMAGE_SIZE}×{IMAGE_SIZE}, on {device}")
+    where = f"{device}" if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"digits: {len(x_train)} training and {len(x_test)} test images, {IMAGE_SIZE}×{IMAGE_SIZE}, on {where}")
 
     torch.manual_seed(args.seed)
     conv_model = build_cnn().to(device)
@@ -237,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
         accuracy = (predict(model, x_test).argmax(1) == y_test).float().mean().item()
         results[name] = {"accuracy": accuracy, "parameters": count_parameters(model), "train_seconds": seconds}
 
-    print(f"\n{'network':<16}{'test accuracy':>15}{'parameters':>12}{'train time':>12}   ({epochs} epochs, {device})")
+    print(f"\n{'network':<16}{'test accuracy':>15}{'parameters':>12}{'train time':>12}   ({epochs} epochs, {where})")
     for name, r in results.items():
         print(f"{name + ' CNN':<16}{100 * r['accuracy']:>14.1f}%{r['parameters']:>12,}{r['train_seconds']:>11.1f}s")
     generators = sum(count_parameters(m.generator) for m in atom_model.modules() if isinstance(m, AtomConv2d))

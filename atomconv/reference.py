@@ -1,4 +1,4 @@
-"""Reference ACDA operator in plain PyTorch (SPEC §1): the readable path and the CPU path.
+"""Reference ACDA operator in plain PyTorch (docs/design.md §1): the readable path and the CPU path.
 
 The three stages, per chunk of output pixels:
 
@@ -26,7 +26,7 @@ DEFAULT_MAX_CHUNK_BYTES = 16 * 2**20
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype (SPEC §6): float32 for 16-bit inputs, else the input's own."""
+    """Accumulation dtype (docs/design.md §6): float32 for 16-bit inputs, else the input's own."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
@@ -99,7 +99,7 @@ def atom_conv2d_reference(
     *,
     max_chunk_bytes: int | None = DEFAULT_MAX_CHUNK_BYTES,
 ) -> torch.Tensor:
-    """SPEC §1 on already validated inputs (see `validate_atom_conv2d`).
+    """docs/design.md §1 on already validated inputs (see `validate_atom_conv2d`).
 
     x [N, C_in, H, W], atom_coeff [N, M*L, H_out, W_out], bases [L, KH, KW],
     weight [C_out, C_in/G, M], bias [C_out] or None -> y [N, C_out, H_out, W_out] in x's
@@ -147,7 +147,7 @@ def atom_conv2d_reference_backward(
     *,
     max_chunk_bytes: int | None = DEFAULT_MAX_CHUNK_BYTES,
 ) -> list[torch.Tensor | None]:
-    """Gradients of SPEC §1 with respect to (x, atom_coeff, bases, weight), each where `needs`
+    """Gradients of docs/design.md §1 with respect to (x, atom_coeff, bases, weight), each where `needs`
     (same order) asks for it, else None; each in its input's dtype.
 
     grad_y [N, C_out, H_out, W_out] (any strides), the rest as `atom_conv2d_reference`. Works

@@ -1,4 +1,4 @@
-"""Input checks shared by every backend of the ACDA operator (SPEC §1, §4).
+"""Input checks shared by every backend of the ACDA operator (docs/design.md §1, §4).
 
 `validate_atom_conv2d` is the single place where arguments are checked. Every backend
 (reference, Triton) calls it before touching data, so a bad call fails the same way,
@@ -12,6 +12,10 @@ from dataclasses import dataclass
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Largest stride, padding, dilation or kernel extent: the kernels index in int32, and nothing
+# larger describes an image that fits in memory.
+MAX_GEOMETRY_VALUE = 2**31 - 1
+PADDING_STRINGS = ("valid", "same")
 
 
 @dataclass(frozen=True)
@@ -33,13 +37,36 @@ class AtomConvGeometry:
 
 
 def as_pair(value, name: str, minimum: int) -> tuple[int, int]:
-    """Normalise an int or a pair of ints, as `nn.Conv2d` accepts them, to a pair."""
+    """Normalise an int or a pair of ints, as `nn.Conv2d` accepts them, to a pair in
+    [minimum, MAX_GEOMETRY_VALUE]."""
     pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if min(pair) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if max(pair) > MAX_GEOMETRY_VALUE:
+        raise ValueError(f"{name} must be at most 2**31 - 1, got {value!r}")
     return pair
+
+
+def padding_pair(padding, kernel_size: tuple[int, int], stride: tuple[int, int],
+                 dilation: tuple[int, int]) -> tuple[int, int]:
+    """`padding` as `nn.Conv2d` takes it (an int, a pair, "valid" or "same") -> the zeros added
+    on each side, (pad_h, pad_w). "same" keeps the input size: stride 1 only, as in nn.Conv2d,
+    and only where dilation * (K - 1) is even (symmetric padding; always so for odd kernels)."""
+    if not isinstance(padding, str):
+        return as_pair(padding, "padding", 0)
+    if padding not in PADDING_STRINGS:
+        raise ValueError(f"padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
+    if padding == "valid":
+        return (0, 0)
+    if stride != (1, 1):
+        raise ValueError(f"padding='same' is not supported for strided convolutions, got stride={stride}")
+    total = tuple(d * (k - 1) for d, k in zip(dilation, kernel_size))
+    if any(t % 2 for t in total):
+        raise ValueError(f"padding='same' needs dilation * (kernel size - 1) even along each axis (the same zeros "
+                         f"on both sides), got kernel {kernel_size} with dilation {dilation}")
+    return (total[0] // 2, total[1] // 2)
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -68,8 +95,9 @@ def validate_atom_conv2d(
 ) -> AtomConvGeometry:
     """Check every argument of `atom_conv2d` and return the call's geometry.
 
-    Shapes (SPEC §1): x [N, C_in, H, W], atom_coeff [N, M*L, H_out, W_out],
-    bases [L, KH, KW], weight [C_out, C_in // groups, M], bias [C_out] or None.
+    Shapes (docs/design.md §1): x [N, C_in, H, W], atom_coeff [N, M*L, H_out, W_out],
+    bases [L, KH, KW], weight [C_out, C_in // groups, M], bias [C_out] or None. `padding` may
+    also be "valid" or "same" (see `padding_pair`); the geometry holds the ints.
     Raises TypeError / ValueError naming the offending argument; never computes anything.
     """
     _check_tensor(x, "x", 4, "[N, C_in, H, W]")
@@ -89,7 +117,6 @@ def validate_atom_conv2d(
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     stride = as_pair(stride, "stride", 1)
-    padding = as_pair(padding, "padding", 0)
     dilation = as_pair(dilation, "dilation", 1)
 
     n, c_in, h, w = x.shape
@@ -97,8 +124,11 @@ def validate_atom_conv2d(
     c_out, c_in_per_group, num_atoms = weight.shape
     if num_bases < 1 or kh < 1 or kw < 1:
         raise ValueError(f"bases must be a non-empty [L, KH, KW] tensor, got shape {tuple(bases.shape)}")
+    padding = padding_pair(padding, (kh, kw), stride, dilation)
     if c_in < 1:
         raise ValueError(f"x must have at least one channel, got shape {tuple(x.shape)}")
+    if h < 1 or w < 1:  # padding would otherwise make an output from nothing; nn.Conv2d refuses too
+        raise ValueError(f"x must have a non-zero spatial size (H, W >= 1), got shape {tuple(x.shape)}")
     if c_out < 1:
         raise ValueError(f"weight must have at least one output channel (weight.shape[0] = C_out >= 1), got shape {tuple(weight.shape)}")
     if num_atoms < 1:

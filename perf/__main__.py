@@ -2,8 +2,10 @@
 
     python -m perf [--quick | --grid {gpu,cpu,quick}] [--out DIR]
 
-Writes under DIR (default perf/results/<device>/): <grid>.csv (one row per measurement),
-<grid>_throughput.png, <grid>_memory.png and <grid>_report.txt (the printed summary).
+Writes under DIR (default perf_out/<device>/ in the working directory, ignored by git):
+<grid>.csv (one row per measurement), <grid>_throughput.png, <grid>_memory.png and
+<grid>_report.txt (the printed summary). The results committed under perf/results/<device>/
+are written there on purpose, with `--out perf/results/<device>`.
 """
 
 from __future__ import annotations
@@ -19,19 +21,21 @@ from .grids import GRIDS
 from .plots import METRICS, plot_metric
 from .sweep import describe_machine, run_grid
 
+DEFAULT_OUT = Path("perf_out")
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m perf", description=__doc__.splitlines()[0])
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--grid", choices=sorted(GRIDS), help="named grid (default: gpu with CUDA, cpu without)")
     which.add_argument("--quick", action="store_true", help="the small grid 'quick': under a minute on a quiet 2-core CPU")
-    parser.add_argument("--out", type=Path, help="output folder (default: perf/results/<device>/)")
+    parser.add_argument("--out", type=Path, help=f"output folder (default: {DEFAULT_OUT}/<device>/)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     grid = GRIDS["quick" if args.quick else args.grid or ("gpu" if device.type == "cuda" else "cpu")]
     machine = describe_machine(device)
-    out = args.out or Path("perf/results") / machine.name
+    out = args.out or DEFAULT_OUT / machine.name
     out.mkdir(parents=True, exist_ok=True)
     print(report.header(grid, machine), flush=True)
     if device.type != "cuda":

@@ -30,7 +30,7 @@ class Case:
 
     run: Callable[[], torch.Tensor]  # one forward -> y [N, C, H_out, W_out]
     wrt: list[torch.Tensor]  # what a backward differentiates: inputs and parameters
-    macs_per_pixel: int  # useful multiply-adds of one forward per output pixel (SPEC §5)
+    macs_per_pixel: int  # useful multiply-adds of one forward per output pixel (docs/design.md §5)
 
 
 def build_case(impl: str, problem: Problem, device: torch.device, *, requires_grad: bool) -> Case:

@@ -1,4 +1,4 @@
-"""Work and minimum memory traffic of the ACDA operator and of a static conv (SPEC §5).
+"""Work and minimum memory traffic of the ACDA operator and of a static conv (docs/design.md §5).
 
 Counts are multiply-adds (MACs) per output pixel; one MAC is two floating-point operations.
 """
@@ -12,7 +12,7 @@ from atomconv.validation import AtomConvGeometry
 
 @dataclass(frozen=True)
 class AtomConvMacs:
-    """Multiply-adds per output pixel of each stage of SPEC §1."""
+    """Multiply-adds per output pixel of each stage of docs/design.md §1."""
 
     basis_to_atom: int  # M·L·KH·KW
     atom_times_features: int  # C_in·M·KH·KW
@@ -24,7 +24,7 @@ class AtomConvMacs:
 
 
 def atom_conv_macs_per_pixel(geo: AtomConvGeometry) -> AtomConvMacs:
-    """SPEC §5: M·L·K², C_in·M·K² and C_out·(C_in/G)·M multiply-adds per output pixel."""
+    """docs/design.md §5: M·L·K², C_in·M·K² and C_out·(C_in/G)·M multiply-adds per output pixel."""
     taps = geo.kernel_size[0] * geo.kernel_size[1]
     return AtomConvMacs(
         basis_to_atom=geo.num_atoms * geo.num_bases * taps,
@@ -34,12 +34,12 @@ def atom_conv_macs_per_pixel(geo: AtomConvGeometry) -> AtomConvMacs:
 
 
 def static_conv_macs_per_pixel(in_channels: int, out_channels: int, groups: int, kernel_size: tuple[int, int]) -> int:
-    """SPEC §5: a static conv costs C_out·(C_in/G)·KH·KW multiply-adds per output pixel."""
+    """docs/design.md §5: a static conv costs C_out·(C_in/G)·KH·KW multiply-adds per output pixel."""
     return out_channels * (in_channels // groups) * kernel_size[0] * kernel_size[1]
 
 
 def fused_forward_min_bytes(geo: AtomConvGeometry, element_size: int) -> int:
-    """SPEC §5: the least a fused forward can move: read x, β, α, Ψ once and write y once,
+    """docs/design.md §5: the least a fused forward can move: read x, β, α, Ψ once and write y once,
     every tensor in the inputs' dtype (element_size bytes). Bias (C_out numbers) is left out."""
     in_pixels = geo.batch * geo.in_size[0] * geo.in_size[1]
     out_pixels = geo.batch * geo.out_size[0] * geo.out_size[1]

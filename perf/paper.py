@@ -2,7 +2,7 @@
 
 Unfold x into K*K shifted copies, contract them with the atoms per pixel (an einsum that
 becomes a batched product of tiny matrices), then a 1x1 conv with `coef`. Groups = 1 only,
-as in the paper's layer. Shapes as SPEC §1; `coef` is [C_out, C_in*M, 1, 1], channel c*M + m.
+as in the paper's layer. Shapes as docs/design.md §1; `coef` is [C_out, C_in*M, 1, 1], channel c*M + m.
 """
 
 from __future__ import annotations

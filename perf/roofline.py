@@ -1,4 +1,4 @@
-"""Roofline bound of the fused forward on known GPUs: SPEC §5's work and traffic against the
+"""Roofline bound of the fused forward on known GPUs: docs/design.md §5's work and traffic against the
 card's datasheet peaks.
 
 The fused kernel does stages 1 and 2 (basis-to-atom, atom-times-features) as float32
@@ -62,7 +62,7 @@ def known_gpu(device_name: str) -> GpuPeaks | None:
 
 def fused_forward_bound_s(geo: AtomConvGeometry, dtype: torch.dtype, gpu: GpuPeaks) -> float:
     """Least time (s) a fused forward of this problem can take on `gpu`, inputs in `dtype`.
-    float32 dots count as TF32 only where PyTorch's own matmul flag allows it (SPEC §6)."""
+    float32 dots count as TF32 only where PyTorch's own matmul flag allows it (docs/design.md §6)."""
     macs = atom_conv_macs_per_pixel(geo)
     pixels = geo.batch * geo.out_size[0] * geo.out_size[1]
     if dtype in (torch.float16, torch.bfloat16):

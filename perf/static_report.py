@@ -190,6 +190,8 @@ def build_report(archs=configs.ARCHS, dtypes=configs.KERNEL_DTYPES, kernel_sizes
     for kernel, variants in KERNELS.items():
         for dtype in dtypes:
             for kernel_size in kernel_sizes:
+                print(f"static report: compiling {kernel} {str(dtype).removeprefix('torch.')} K={kernel_size} for "
+                      f"{', '.join(archs)} ({len(records)} variants so far)", file=sys.stderr, flush=True)
                 for variant in variants(dtype, kernel_size):
                     for arch in archs:
                         if defaults_only and DEFAULTS[kernel][dtype, arch] != variant.config:

@@ -1,4 +1,4 @@
-"""Fourier–Bessel bases against SPEC §2's figures and properties."""
+"""Fourier–Bessel bases against docs/design.md §2's figures and properties."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,5 @@
-"""convert_conv2d: geometry, report, predicate, device/dtype, training and checkpoints."""
+"""convert_conv2d: geometry, report, predicate, aliases and sharing, options, hooks, device/dtype,
+training and checkpoints."""
 
 from __future__ import annotations
 
@@ -9,15 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atomconv import AtomConv2d, atom_conv2d
-from atomconv.convert import convert_conv2d
+from atomconv import AtomConv2d, ConversionReport, atom_conv2d, convert_conv2d
 
-CONVERTIBLE = ["stem", "body.0", "body.2", "body.3", "body.4", "head.same"]
+CONVERTIBLE = ["stem", "body.0", "body.2", "body.3", "body.4", "head.same", "head.reflect"]
 NOT_CONVERTIBLE = {  # name -> a word of the reason
     "body.1": "min_kernel_size",  # 1×1
     "head.even": "odd",
     "head.oblong": "odd",
-    "head.reflect": "padding_mode",
     "head.lazy": "subclass",
 }
 
@@ -54,7 +53,8 @@ class Mixed(nn.Module):
 def _converted(**kwargs):
     torch.manual_seed(0)
     original = Mixed()
-    model, report = convert_conv2d(copy.deepcopy(original), **kwargs)
+    report = ConversionReport()
+    model = convert_conv2d(copy.deepcopy(original), report=report, **kwargs)
     return original, model, report
 
 
@@ -86,6 +86,7 @@ def test_replaces_eligible_convs_with_the_same_geometry():
         assert isinstance(layer, AtomConv2d)
         assert (layer.in_channels, layer.out_channels, layer.groups) == (conv.in_channels, conv.out_channels, conv.groups)
         assert (layer.kernel_size, layer.stride, layer.dilation) == (conv.kernel_size, conv.stride, conv.dilation)
+        assert (layer.padding, layer.padding_mode) == (conv.padding, conv.padding_mode)
         assert layer.weight.shape == (conv.out_channels, conv.in_channels // conv.groups, 3)
         assert (layer.bias is None) == (conv.bias is None)
         if layer.bias is not None:
@@ -94,14 +95,14 @@ def test_replaces_eligible_convs_with_the_same_geometry():
         ours, expected = _static_conv_oracle(layer, conv.double(), x)
         torch.testing.assert_close(ours, expected)
         assert layer(x.float()).shape == expected.shape
-    assert "replaced 6" in str(report) and "head.reflect" in str(report)
+    assert "replaced 7" in str(report) and "head.lazy" in str(report)
 
 
 def test_output_shape_kept_and_other_layers_untouched():
     original, model, _ = _converted()
     replaced_or_lazy = tuple(f"{n}." for n in [*CONVERTIBLE, "head.lazy"])  # lazy: not initialised yet
     kept = {k: v for k, v in original.state_dict().items() if not k.startswith(replaced_or_lazy)}
-    assert len(kept) == 8
+    assert len(kept) == 6
     state = model.state_dict()
     for key, value in kept.items():
         assert torch.equal(state[key], value), key
@@ -132,7 +133,7 @@ def test_min_kernel_size():
 def test_keeps_dtype_device_and_mode():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3).to("meta")).double().eval()
     model[1].train()
-    model, _ = convert_conv2d(model, num_atoms=2)
+    model = convert_conv2d(model, num_atoms=2)
     first, second = model
     floating = [t for t in [*first.parameters(), *first.buffers()] if t.is_floating_point()]
     assert all(t.dtype == torch.float64 and t.device.type == "cpu" for t in floating)
@@ -143,13 +144,15 @@ def test_keeps_dtype_device_and_mode():
 
 def test_model_that_is_a_conv_shared_convs_and_existing_atom_layers():
     conv = nn.Conv2d(3, 3, 3, padding=1)
-    new, report = convert_conv2d(conv)
+    report = ConversionReport()
+    new = convert_conv2d(conv, report=report)
     assert isinstance(new, AtomConv2d) and report.replaced == [""]
 
     shared = nn.Conv2d(3, 3, 3, padding=1)
     model = nn.ModuleDict({"a": nn.Sequential(shared), "b": nn.Sequential(shared), "atom": AtomConv2d(3, 3, 3)})
     before = copy.deepcopy(model["atom"].generator)
-    model, report = convert_conv2d(model)
+    report = ConversionReport()
+    model = convert_conv2d(model, report=report)
     assert report.replaced == ["a.0", "b.0"] and report.skipped == {}
     assert model["a"][0] is model["b"][0] and isinstance(model["a"][0], AtomConv2d)
     assert [type(m) for m in model["atom"].generator] == [type(m) for m in before]  # its own convs stay convs
@@ -160,6 +163,12 @@ def test_model_that_is_a_conv_shared_convs_and_existing_atom_layers():
     (dict(num_atoms=0), ValueError, "num_atoms"),
     (dict(min_kernel_size=1), ValueError, "min_kernel_size"),
     (dict(predicate="stem"), TypeError, "predicate"),
+    (dict(num_atoms=True), ValueError, "num_atoms"),
+    (dict(bases_per_scale=7), ValueError, "bases_per_scale"),
+    (dict(generator_norm="layer"), ValueError, "generator_norm"),
+    (dict(generator_width=0), ValueError, "generator_width"),
+    (dict(backend="cudnn"), ValueError, "backend"),
+    (dict(report={}), TypeError, "report"),
 ])
 def test_bad_arguments(bad, error, word):
     args = dict(model=nn.Conv2d(1, 1, 3)) | bad
@@ -177,7 +186,8 @@ def _small_classifier():
 
 def test_converted_network_trains():
     torch.manual_seed(0)
-    model, report = convert_conv2d(_small_classifier(), num_atoms=2)
+    report = ConversionReport()
+    model = convert_conv2d(_small_classifier(), num_atoms=2, report=report)
     assert report.replaced == ["0", "3"]
     x, target = torch.randn(8, 3, 10, 10), torch.randint(0, 4, (8,))
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -194,7 +204,7 @@ def test_converted_network_trains():
 
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     torch.manual_seed(0)
-    model, _ = convert_conv2d(_small_classifier(), num_atoms=2)
+    model = convert_conv2d(_small_classifier(), num_atoms=2)
     x = torch.randn(4, 3, 10, 10)
     F.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()  # move the BN statistics off their init
     torch.optim.SGD(model.parameters(), lr=0.1).step()
@@ -202,9 +212,64 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     torch.save(model.state_dict(), path)
 
     torch.manual_seed(1)
-    fresh, _ = convert_conv2d(_small_classifier(), num_atoms=2)
+    fresh = convert_conv2d(_small_classifier(), num_atoms=2)
     model.eval(), fresh.eval()
     with torch.no_grad():
         assert not torch.equal(fresh(x), model(x))
         fresh.load_state_dict(torch.load(path, weights_only=True))
         assert torch.equal(fresh(x), model(x))
+
+
+def test_returns_the_module_like_convert_sync_batchnorm():
+    model = _small_classifier()
+    assert convert_conv2d(model) is model is nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert isinstance(model[0], AtomConv2d)
+
+
+def test_a_conv_under_two_names_in_one_parent_is_converted_under_both():
+    conv = nn.Conv2d(3, 3, 3, padding=1)
+    model = nn.Module()
+    model.first, model.second = conv, conv  # named_children() lists this module once
+    report = ConversionReport()
+    model = convert_conv2d(model, report=report)
+    assert report.replaced == ["first", "second"] and report.skipped == {}
+    assert isinstance(model.first, AtomConv2d) and model.first is model.second
+
+
+def test_a_shared_conv_stays_shared_when_the_predicate_refuses_one_name():
+    shared = nn.Conv2d(3, 3, 3, padding=1)
+    model = nn.ModuleDict({"a": nn.Sequential(shared), "b": nn.Sequential(shared)})
+    report = ConversionReport()
+    model = convert_conv2d(model, predicate=lambda name, conv: name == "b.0", report=report)
+    assert model["a"][0] is model["b"][0] is shared
+    assert report.replaced == [] and report.skipped == {
+        "a.0": "predicate returned False", "b.0": "shared with a.0, for which the predicate returned False"}
+
+
+def test_layer_options_reach_the_new_layers():
+    model = convert_conv2d(nn.Sequential(nn.Conv2d(4, 8, 5, padding=2)), num_atoms=3, bases_per_scale=2,
+                           generator_norm="group", generator_width=16, backend="reference")
+    layer = model[0]
+    assert (layer.num_atoms, layer.bases.shape, layer.backend) == (3, (4, 5, 5), "reference")
+    assert layer.generator[0].out_channels == 16 and isinstance(layer.generator[1], nn.GroupNorm)
+
+
+def test_complex_convs_are_left_with_a_reason():
+    report = ConversionReport()
+    model = convert_conv2d(nn.Sequential(nn.Conv2d(2, 2, 3, dtype=torch.complex64)), report=report)
+    assert type(model[0]) is nn.Conv2d and "complex" in report.skipped["0"]
+
+
+def test_hooks_and_pre_hooks_move_to_the_replacement():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
+    calls = []
+    model[0].register_forward_pre_hook(lambda module, args: calls.append(("pre", type(module).__name__)))
+    handle = model[0].register_forward_hook(lambda module, args, out: calls.append(("post", tuple(out.shape))))
+    model[0].register_forward_pre_hook(lambda module, args, kwargs: calls.append(("pre-kw", len(kwargs))), with_kwargs=True)
+    model = convert_conv2d(model, num_atoms=2)
+    model(torch.randn(1, 3, 6, 6))
+    assert calls == [("pre", "AtomConv2d"), ("pre-kw", 0), ("post", (1, 4, 6, 6))]
+    handle.remove()  # a handle taken before the conversion still removes its hook
+    calls.clear()
+    model(torch.randn(1, 3, 6, 6))
+    assert calls == [("pre", "AtomConv2d"), ("pre-kw", 0)]

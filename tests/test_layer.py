@@ -1,4 +1,5 @@
-"""AtomConv2d: output grid, parameters, and interop with the authors' Conv_DCFD layout."""
+"""AtomConv2d: output grid, nn.Conv2d's arguments, meta-device init, generator options,
+parameters, and interop with the authors' Conv_DCFD layout."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from torch import nn
 
 from atomconv import AtomConv2d, fourier_bessel_bases
 from perf.paper import paper_atom_conv2d
+
+CONV2D_ATTRIBUTES = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                     "padding_mode")
 
 
 @pytest.mark.parametrize(
@@ -73,7 +77,9 @@ def test_layer_trains():
 
 
 @pytest.mark.parametrize("bad", [dict(kernel_size=4), dict(kernel_size=(3, 5)), dict(kernel_size=1),
-                                 dict(groups=3), dict(num_atoms=0), dict(backend="cuda")])
+                                 dict(groups=3), dict(num_atoms=0), dict(num_atoms=True), dict(backend="cuda"),
+                                 dict(stride=2**63), dict(padding=2**40), dict(dilation=(1, 2**31)),
+                                 dict(generator_norm="layer"), dict(generator_width=0), dict(bases_per_scale=7)])
 def test_bad_layer_arguments(bad):
     args = dict(in_channels=4, out_channels=8, kernel_size=3) | bad
     with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
@@ -81,11 +87,131 @@ def test_bad_layer_arguments(bad):
 
 
 def test_bad_layer_input():
-    layer = AtomConv2d(4, 8, 3)
-    with pytest.raises(ValueError, match=r"x must be \[N, 4, H, W\]"):
+    layer = AtomConv2d(4, 8, 3, padding=2)
+    with pytest.raises(ValueError, match=r"x must be \[N, 4, H, W\] or \[4, H, W\]"):
         layer(torch.randn(2, 3, 8, 8))
-    with pytest.raises(ValueError, match=r"x must be \[N, 4, H, W\]"):
-        layer(torch.randn(4, 8, 8))
+    with pytest.raises(ValueError, match=r"x must be \[N, 4, H, W\] or \[4, H, W\]"):
+        layer(torch.randn(3, 8, 8))
+    with pytest.raises(ValueError, match=r"x must be \[N, 4, H, W\] or \[4, H, W\]"):
+        layer(torch.randn(8, 8))
+    with pytest.raises(ValueError, match=r"x must be \[N, 4, H, W\], got \(4, 8, 8\)"):
+        layer.atom_coefficients(torch.randn(4, 8, 8))
+    with pytest.raises(RuntimeError):  # nn.Conv2d refuses a zero spatial size even where padding makes room
+        nn.Conv2d(4, 8, 3, padding=2)(torch.randn(2, 4, 0, 5))
+    with pytest.raises(ValueError, match=r"x must have a non-zero spatial size"):
+        layer(torch.randn(2, 4, 0, 5))
+
+
+def _with_static_atoms(layer: AtomConv2d, seed: int = 1):
+    """Make the layer's generator emit one set of atom coefficients everywhere; returns the static
+    kernel [C_out, C_in/G, K, K] its operator then amounts to (an nn.Conv2d weight)."""
+    g = torch.Generator().manual_seed(seed)
+    beta = torch.randn(layer.num_atoms * layer.bases.shape[0], generator=g, dtype=layer.bases.dtype)
+    layer.generator.register_forward_hook(lambda module, args, out: beta.view(1, -1, 1, 1).expand(out.shape))
+    return torch.einsum("ocm,ml,lij->ocij", layer.weight.detach(), beta.view(layer.num_atoms, -1), layer.bases)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [
+    (3, 1, 1, 1), (3, 2, (2, 1), 1), (5, 1, "same", 1), (3, 1, "same", 2), (5, 1, "valid", 1), (3, (1, 2), 2, (2, 1)),
+])
+def test_conv2d_arguments_have_conv2d_semantics(padding_mode, kernel, stride, padding, dilation):
+    """padding ints/"same"/"valid", every padding_mode, against nn.Conv2d with the static kernel
+    that pixel-independent atoms make; attributes named and valued as nn.Conv2d's."""
+    torch.manual_seed(0)
+    args = (4, 6, kernel, stride, padding, dilation, 2, True, padding_mode, "cpu", torch.float64)
+    layer, conv = AtomConv2d(*args, num_atoms=3), nn.Conv2d(*args)
+    for name in CONV2D_ATTRIBUTES:
+        assert getattr(layer, name) == getattr(conv, name), name
+    with torch.no_grad():
+        conv.weight.copy_(_with_static_atoms(layer))
+        conv.bias.copy_(torch.randn(6))
+        layer.bias.copy_(conv.bias)
+        x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+        torch.testing.assert_close(layer(x), conv(x))
+
+
+def test_same_padding_with_stride_is_refused_as_conv2d_refuses_it():
+    with pytest.raises(ValueError, match="padding='same' is not supported for strided convolutions"):
+        nn.Conv2d(4, 4, 3, stride=2, padding="same")
+    with pytest.raises(ValueError, match="padding='same' is not supported for strided convolutions"):
+        AtomConv2d(4, 4, 3, stride=2, padding="same")
+    with pytest.raises(ValueError, match="padding must be an int, a pair of ints, 'valid' or 'same'"):
+        AtomConv2d(4, 4, 3, padding="full")
+    with pytest.raises(ValueError, match="padding_mode must be one of"):
+        AtomConv2d(4, 4, 3, padding_mode="mirror")
+
+
+def test_unbatched_input_as_conv2d():
+    torch.manual_seed(0)
+    layer = AtomConv2d(4, 6, 3, padding=1, num_atoms=2).eval()
+    x = torch.randn(4, 7, 9)
+    y = layer(x)
+    assert y.shape == nn.Conv2d(4, 6, 3, padding=1)(x).shape == (6, 7, 9)
+    torch.testing.assert_close(y, layer(x[None])[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_device_and_dtype_arguments(dtype):
+    layer = AtomConv2d(4, 6, 3, padding=1, num_atoms=2, device="cpu", dtype=dtype)
+    conv = nn.Conv2d(4, 6, 3, padding=1, device="cpu", dtype=dtype)
+    tensors = [*layer.parameters(), *layer.buffers()]
+    assert {t.dtype for t in tensors if t.is_floating_point()} == {p.dtype for p in conv.parameters()} == {dtype}
+    torch.testing.assert_close(layer.bases, fourier_bessel_bases(3, 2).to(dtype))
+    assert layer(torch.randn(2, 4, 5, 5, dtype=dtype)).dtype == dtype
+    meta = AtomConv2d(4, 6, 3, device="meta")
+    assert all(t.device.type == "meta" for t in [*meta.parameters(), *meta.buffers()])
+
+
+def test_meta_init_then_to_empty_and_reset_parameters_equals_a_fresh_layer():
+    """Deferred init: everything, the bases buffer included, is made on meta; to_empty() and
+    reset_parameters() then give exactly the layer built directly (same RNG draws)."""
+    args = dict(in_channels=4, out_channels=6, kernel_size=5, padding=2, num_atoms=3)
+    with torch.device("meta"):
+        deferred = AtomConv2d(**args)
+    assert all(t.device.type == "meta" for t in [*deferred.parameters(), *deferred.buffers()])
+    deferred.to_empty(device="cpu")
+    torch.manual_seed(0)
+    deferred.reset_parameters()
+    torch.manual_seed(0)
+    direct = AtomConv2d(**args)
+    state = direct.state_dict()
+    assert state.keys() == deferred.state_dict().keys()
+    for name, tensor in deferred.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    torch.testing.assert_close(deferred.bases, fourier_bessel_bases(5, 3), rtol=0, atol=0)
+
+
+def test_reset_parameters_resets_the_generator_too():
+    layer = AtomConv2d(4, 6, 3, padding=1, num_atoms=2)
+    layer(torch.randn(2, 4, 6, 6))  # moves the batch norms' running statistics
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.fill_(7.0)
+        layer.bases.fill_(7.0)
+    layer.reset_parameters()
+    assert torch.equal(layer.generator[1].running_mean, torch.zeros(layer.generator_width))
+    assert not any(torch.all(p == 7.0) for p in layer.parameters())
+    torch.testing.assert_close(layer.bases, fourier_bessel_bases(3, 2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("norm,kind", [("batch", nn.BatchNorm2d), ("group", nn.GroupNorm), ("none", nn.Identity)])
+def test_generator_norm_options(norm, kind):
+    torch.manual_seed(0)
+    layer = AtomConv2d(4, 6, 3, padding=1, num_atoms=6, generator_norm=norm, generator_width=24, dtype=torch.float64)
+    assert [type(layer.generator[i]) for i in (1, 4)] == [kind, kind]
+    assert layer.generator[0].out_channels == 24 and layer.generator[3].in_channels == 24
+    if norm == "group":
+        assert (layer.generator[1].num_groups, layer.generator[4].num_groups) == (8, 4)  # gcd(24, 32), gcd(36, 32)
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    alone = layer(x[:1])
+    if norm == "batch":  # training-mode batch norm mixes the samples: the paper's layer
+        assert not torch.allclose(layer(x)[:1], alone)
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            layer(torch.randn(1, 4, 1, 1, dtype=torch.float64))
+    else:  # per-sample: a sample's output does not depend on the rest of the batch
+        torch.testing.assert_close(layer(x)[:1], alone)
+        assert layer(torch.randn(1, 4, 1, 1, dtype=torch.float64)).shape == (1, 6, 1, 1)
 
 
 def _official_state_dict(c_in, c_out, k, m, gen):
@@ -127,6 +253,12 @@ def test_load_official_state_dict_reproduces_the_papers_layer(kernel, stride, hw
         torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_load_official_state_dict_refuses_other_generator_norms():
+    layer = AtomConv2d(5, 7, 3, padding=1, num_atoms=3, generator_norm="group")
+    with pytest.raises(ValueError, match="generator_norm='batch'"):
+        layer.load_official_state_dict(_official_state_dict(5, 7, 3, 3, torch.Generator().manual_seed(0)))
+
+
 def test_load_official_state_dict_names_mismatches():
     gen = torch.Generator().manual_seed(0)
     layer = AtomConv2d(5, 7, 3, padding=1, num_atoms=3)
@@ -139,6 +271,10 @@ def test_load_official_state_dict_names_mismatches():
         layer.load_official_state_dict({k: v for k, v in sd.items() if k != "bias"})
     with pytest.raises(ValueError, match=r"unexpected \['extra'\]"):
         layer.load_official_state_dict(sd | {"extra": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"value 'bias' must be a tensor, got list"):
+        layer.load_official_state_dict(sd | {"bias": [0.0] * 7})
+    with pytest.raises(ValueError, match=r"value 'bases_net.1.num_batches_tracked' must be a tensor, got int"):
+        layer.load_official_state_dict(sd | {"bases_net.1.num_batches_tracked": 7})
 
 
 @pytest.mark.parametrize("bad,message", [

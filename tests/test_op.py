@@ -108,6 +108,26 @@ def test_compile_fullgraph_forward_and_training_step_equal_eager(backend):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in compiled_model.parameters())
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compile_with_inductor_on_cpu_forward_and_training_step_equal_eager():
+    """torch.compile's default backend (inductor, C++ codegen on the CPU) around the op: the
+    forward and one SGD step match eager (in float64, so that inductor's reordered float sums
+    around the generator stay far below the tolerance)."""
+    if DEVICE != "cpu":
+        pytest.skip("the CPU inductor check")
+    torch._dynamo.reset()
+    eager = _network("auto").double()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    x = torch.randn(2, 3, 6, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.testing.assert_close(compiled(x), eager(x))
+    losses = [_train_step(m, torch.optim.SGD(p.parameters(), lr=0.1), x)
+              for m, p in ((eager, eager), (compiled, compiled_model))]
+    torch.testing.assert_close(losses[1], losses[0])
+    for (name, p_eager), p_compiled in zip(eager.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(p_compiled, p_eager, msg=name)
+
+
 def test_compile_sees_one_op_per_layer():
     """Dynamo traces the network as one graph in which each layer's ACDA is the registered op."""
     from torch._dynamo.testing import CompileCounterWithBackend
@@ -169,4 +189,23 @@ def test_deterministic_mode_gives_identical_gradients(backend):
 
 def test_op_refuses_unknown_backend():
     with pytest.raises(ValueError, match="backend must be one of"):
-        atom_conv2d_op(*_problem(requires_grad=False), *OP_GEOMETRY, "auto")
+        atom_conv2d_op(*_problem(requires_grad=False), *OP_GEOMETRY, "cudnn")
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_double_backward_fails_at_create_graph_and_says_why(backend):
+    inputs = _problem()
+    y = atom_conv2d(*inputs, **GEOMETRY, backend=backend)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        torch.autograd.grad(y.square().sum(), inputs[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        atom_conv2d(*inputs, **GEOMETRY, backend=backend).sum().backward(create_graph=True)
+
+
+@pytest.mark.parametrize("transform", [torch.func.grad, torch.func.jacrev])
+def test_torch_func_transforms_say_they_are_unsupported(transform):
+    x, atom_coeff, bases, weight, bias = _problem(requires_grad=False)
+    with pytest.raises(RuntimeError, match="torch.func transforms that differentiate .* are not supported"):
+        transform(lambda x: atom_conv2d(x, atom_coeff, bases, weight, bias, **GEOMETRY).sum())(x)
+

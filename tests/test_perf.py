@@ -1,4 +1,4 @@
-"""`python -m perf`: the sweep on a tiny grid, the cost formulas of SPEC §5, the roofline, and
+"""`python -m perf`: the sweep on a tiny grid, the cost formulas of docs/design.md §5, the roofline, and
 the calls it times (checked against the reference path). No timing assertions."""
 
 import json
@@ -43,7 +43,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-STATIC_RECORDS = [  # two records as `python -m perf.static_report --json` writes them (SPEC §4)
+STATIC_RECORDS = [  # two records as `python -m perf.static_report --json` writes them (docs/design.md §4)
     {"kernel": "atom_conv2d_fwd", "arch": arch, "dtype": "float16", "config": {"block_p": 64, "num_warps": 8},
      "default": True, "shared_bytes": 65536, "registers": 190, "spill_bytes": 0, "mma": 16}
     for arch in ("sm_90", "sm_80")
@@ -55,7 +55,10 @@ def test_sweep_cli_writes_csv_plots_and_report(tmp_path, monkeypatch, capsys, on
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU path, on any machine
     # The static report's own run (compiling for two archs) is test_static_report's job and too slow here.
     monkeypatch.setattr(report, "run_static_report", lambda: STATIC_RECORDS)
-    assert perf_main.main(["--grid", "tiny", "--out", str(tmp_path)]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert perf_main.main(["--grid", "tiny"]) == 0
+    assert not (tmp_path / "perf" / "results").exists()  # committed results are only written with --out
+    tmp_path = tmp_path / "perf_out" / "cpu"
 
     frame = pd.read_csv(tmp_path / "tiny.csv")
     assert set(REQUIRED_COLUMNS) <= set(frame.columns)
@@ -199,3 +202,16 @@ def test_sweep_on_gpu_times_the_fused_path():
     assert set(fused["direction"]) == {"forward", "forward+backward"} and fused["median_ms"].gt(0).all()
     bounds = fused.loc[fused["direction"] == "forward", "roofline_px_s"]
     assert bounds.notna().all() if known_gpu(machine.label) else bounds.isna().all()
+
+
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning")
+def test_onnx_export_cli_on_a_small_layer(capsys, one_thread):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from perf import onnx_export
+
+    assert onnx_export.main(["--batch", "1", "--channels", "4", "--size", "6"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "max |onnxruntime - eager|" in line]
+    assert [line.split(":")[0] for line in lines] == ["layer (generator + operator)", "operator alone"]
+    errors = [float(line.split("= ")[1].split(" ")[0]) for line in lines]
+    assert max(errors) < 1e-4

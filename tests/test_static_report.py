@@ -28,6 +28,9 @@ def default_records(tmp_path_factory):
     result = subprocess.run([sys.executable, "-m", "perf.static_report", "--defaults-only", "--json", str(out)],
                             cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, f"static report failed (a compile error?):\n{result.stderr[-4000:]}"
+    # It takes minutes: one progress line on stderr per kernel, dtype and kernel size.
+    assert result.stderr.count("static report: compiling ") == len(KERNELS) * 3 * len(KERNEL_SIZES), \
+        result.stderr[-4000:]
     return json.loads(out.read_text())
 
 

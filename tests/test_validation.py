@@ -42,6 +42,15 @@ BAD = [
     (dict(x=torch.randn(2, 4, 8, 8, dtype=torch.float64)), TypeError, r"atom_coeff has dtype torch.float32 but x has torch.float64"),
     (dict(bias=torch.randn(6, dtype=torch.float16)), TypeError, r"bias has dtype torch.float16"),
     (dict(x=torch.randn(2, 4, 1, 1), padding=0), ValueError, r"x's spatial size \(1, 1\) is too small"),
+    (dict(stride=2**63), ValueError, r"stride must be at most 2\*\*31 - 1"),
+    (dict(padding=2**40), ValueError, r"padding must be at most 2\*\*31 - 1"),
+    (dict(dilation=(1, 2**31)), ValueError, r"dilation must be at most 2\*\*31 - 1"),
+    (dict(x=torch.randn(2, 4, 0, 5), atom_coeff=torch.randn(2, 15, 2, 5), padding=2), ValueError,
+     r"x must have a non-zero spatial size"),
+    (dict(padding="full"), ValueError, r"padding must be an int, a pair of ints, 'valid' or 'same'"),
+    (dict(padding="same", stride=2, atom_coeff=torch.randn(2, 15, 4, 4)), ValueError,
+     r"padding='same' is not supported for strided convolutions"),
+    (dict(padding="same", bases=torch.randn(5, 2, 3)), ValueError, r"padding='same' needs dilation \* \(kernel size - 1\) even"),
 ]
 
 
@@ -81,3 +90,17 @@ def test_int32_indexing_limit_is_named():
         check_int32_indexing("N*H*W", 2**31 - 1, 64, 1000)  # padded to a whole tile, it passes 2**31
     with pytest.raises(ValueError, match="over 2\\*\\*31"):
         check_int32_indexing("N*H_out*W_out", 1024, 64, 2**31)
+
+
+@pytest.mark.parametrize("padding,expected", [("same", 1), ("valid", 0)])
+def test_padding_strings_as_in_conv2d(padding, expected):
+    args = _good() | dict(atom_coeff=torch.randn(2, 15, 8 - 2 + 2 * expected, 8 - 2 + 2 * expected))
+    ours = atom_conv2d(**(args | dict(padding=padding)), backend="reference")
+    torch.testing.assert_close(ours, atom_conv2d(**(args | dict(padding=expected)), backend="reference"), rtol=0, atol=0)
+
+
+def test_meta_tensors_give_a_meta_result_as_conv2d_does():
+    args = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in _good().items()}
+    y = atom_conv2d(**args)
+    assert y.device.type == "meta" and y.shape == (2, 6, 8, 8)
+    assert torch.nn.functional.conv2d(args["x"], torch.randn(6, 2, 3, 3, device="meta"), groups=2).device.type == "meta"

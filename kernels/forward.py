@@ -1,37 +1,34 @@
 """Fused Triton forward of the ACDA operator (SPEC §1): y from x, β, Ψ, α in one kernel.
 
-Each program owns a tile of BLOCK_P output pixels (flattened over batch and output grid)
-times BLOCK_O output channels of one group. It loops over the group's input channels in
-chunks of BLOCK_C; per chunk, over the KH*KW taps:
+A program owns BLOCK_P = 32 * num_warps consecutive output pixels of one sample (one thread per
+pixel) and BLOCK_O output channels of one group:
 
-1. basis_to_atom        atoms [M_PAD, BLOCK_P] of this tap, from β and Ψ;
-2. atom_times_features  Z [M_PAD, BLOCK_C, BLOCK_P] += atoms x tap [BLOCK_C, BLOCK_P] (gathered
-                        from x, zero padding by masks), in float32;
+1. `pixel_atoms`          the M*KH*KW atoms of each pixel, once per tile, in registers
+                          (M*L*KH*KW multiply-adds per pixel);
+2. `atom_times_features`  per chunk of BLOCK_C input channels, Z[m] [BLOCK_C, BLOCK_P] =
+                          Σ_taps A[m, tap] · x_tap, fp32 on CUDA cores (C*M*KH*KW multiply-adds
+                          per pixel: the arithmetic floor of this algorithm);
+3. `coefficient_sum`      acc [BLOCK_O, BLOCK_P] += α_m [BLOCK_O, BLOCK_C] @ Z[m], one
+                          tensor-core dot per atom (two below 16 channels), so M needs no
+                          padding to a power of two; the bias is added once at the end.
 
-then, once every tap is in Z,
-3. coefficient_sum      acc [BLOCK_O, BLOCK_P] += α chunk [BLOCK_O, BLOCK_K] @ Z as [BLOCK_K, BLOCK_P]
-                        (BLOCK_K = M_PAD*BLOCK_C), one tensor-core dot, float32 accumulator.
+Only y is written: atoms, taps and Z live in registers (and the dot operands in shared memory).
+KH, KW, L and M are compile-time constants (one compiled variant per layer shape), so tap and
+basis loops unroll and each tap's address is the row pointer plus a constant.
 
-Only y is written: atoms, taps and Z live on chip. Everything is laid out pixels-last
-(transposed against SPEC's [pixel, channel] view): Triton then puts the 32 lanes of a warp
-on pixels and the warps on pixels and channels, so each thread multiplies the taps it loaded
-itself, keeps all M_PAD atoms of its channels in registers, and Z reshapes to the dot
-operand without a permute. The atoms of a tap are computed spread over the warps and shared
-through shared memory. They are rebuilt once per channel chunk: M_PAD*L multiply-adds per
-pixel and tap against M_PAD*BLOCK_C for stage 2, so a wide chunk amortises them.
+α is repacked by the launcher (`pack_weight`, a few KB, one torch copy) into [C_out, chunks,
+M_DOT, BLOCK_C]: each program then reads the α block of a chunk and atom as contiguous rows
+with wide loads, zeros standing in for padded channels and atoms.
 
-16-bit problems round Z to the input dtype for the tensor-core dot. In float16 each pixel's
-atoms are first scaled by a power of two that bounds their L1 norm by 1, so Z cannot overflow
-(|Z| <= max |x|); the accumulator is scaled back before the bias (exact: powers of two; see
-`tiles`). Z rows that are padding are zeroed before the dot, so an Inf in x or Ψ stays ±Inf.
-
-α is repacked by the launcher (`pack_weight`, a few KB) into [C_out, chunks, M_PAD, BLOCK_C]
-with zeros for padded atoms and channels: each program then reads an α chunk as contiguous
-rows with wide loads and no masks, instead of a strided gather that costs a 64-bit pointer
-per element.
+Numerics: in float16 each pixel's atoms are first scaled by a power of two that bounds their L1
+norm by 1, so Z cannot overflow (|Z| <= max |x|); the accumulator is scaled back before the bias
+(exact: powers of two; see `tiles`). Z rows that are padding are zeroed before the dot, so an
+Inf in x or Ψ stays ±Inf.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -42,121 +39,130 @@ import autotune_cache
 from atomconv.validation import AtomConvGeometry, output_layout, validate_atom_conv2d
 
 from . import launch as launching
-from .configs import (ForwardConfig, ForwardLaunch, arch_of, fit_forward_config, forward_candidates,
-                      forward_shape_class, pick_forward_config, tuned_config)
-from .launch import INTERPRETING, check_int32_indexing, check_runnable, dot_precision, strides
-from .tiles import atom_l1, atom_times_features, coefficient_sum, offset, pixel_coords, pow2_scale
+from .configs import TileConfig, TileLaunch, arch_of, fit_tile_config, tile_candidates, default_config, tuned_config
+from .launch import INTERPRETING, Launch, check_runnable, dot_precision, needs_wide_offsets, strides
+from .tiles import atom_times_features, coefficient_sum, offset, pixel_atoms, pixel_tile, scaled_to_unit_l1
 
 
 @triton.jit
 def atom_conv2d_fwd_kernel(
     x_ptr, coeff_ptr, bases_ptr, w_ptr, bias_ptr, y_ptr,
-    num_pixels, H, W, H_out, W_out, G, C_in_g, C_out_g, M, L, KH, KW,
+    H, W, H_out, W_out, G, C_in_g, C_out_g,
     SH, SW, PH, PW, DH, DW,
     stride_x_n, stride_x_c, stride_x_h, stride_x_w,
     stride_coeff_n, stride_coeff_c, stride_coeff_h, stride_coeff_w,
     stride_bases_l, stride_bases_h, stride_bases_w,
     stride_bias,
     stride_y_n, stride_y_c, stride_y_h, stride_y_w,
-    BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, M_PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    M: tl.constexpr, L: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, ATOMS_PER_DOT: tl.constexpr,
+    EVEN_C: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    """x [N, C_in, H, W], β (coeff) [N, M*L, H_out, W_out], Ψ (bases) [L, KH, KW],
-    α (w) packed [C_out, cdiv(C_in_g, BLOCK_C), M_PAD, BLOCK_C] contiguous (`pack_weight`),
-    bias [C_out] or None -> y [N, C_out, H_out, W_out]; x, β, Ψ, bias and y with any strides.
-    num_pixels = N*H_out*W_out (< 2**31, checked by the launcher).
+    """x [N, C_in, H, W], β (coeff) [N, M*L, H_out, W_out], Ψ (bases) [L, KH, KW], α (w) packed
+    [C_out, cdiv(C_in_g, BLOCK_C), M_DOT, BLOCK_C] contiguous (`pack_weight`), bias [C_out] or
+    None -> y [N, C_out, H_out, W_out]; x, β, Ψ, bias and y with any strides.
 
-    1-D grid of cdiv(num_pixels, BLOCK_P) * G * cdiv(C_out_g, BLOCK_O) programs; the
+    1-D grid of N * cdiv(H_out*W_out, BLOCK_P) * G * cdiv(C_out_g, BLOCK_O) programs; the
     output-channel tiles of one pixel tile are neighbours, so they find its x and β in L2.
+    EVEN_C: C_in_g is a multiple of BLOCK_C. WIDE: int64 offsets inside a sample.
     """
-    BLOCK_K: tl.constexpr = M_PAD * BLOCK_C
     num_o_tiles = tl.cdiv(C_out_g, BLOCK_O)
     pid = tl.program_id(0)
     pid_p, pid_go = pid // (G * num_o_tiles), pid % (G * num_o_tiles)
     group, pid_o = pid_go // num_o_tiles, pid_go % num_o_tiles
+    n, oh, ow, pix_mask = pixel_tile(pid_p, H_out, W_out, BLOCK_P)
+    x_ptr += n * stride_x_n + offset(group * C_in_g, stride_x_c, WIDE)
+    coeff_ptr += n * stride_coeff_n
+    y_ptr += n * stride_y_n
 
-    # Output pixels of this tile (coordinates int64, see tiles.offset).
-    pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    pix_mask = pix < num_pixels
-    n, oh, ow = pixel_coords(pix, H_out, W_out)
-    ih0 = oh * SH - PH
-    iw0 = ow * SW - PW
-    x_pix = n * stride_x_n  # [BLOCK_P]
-
-    # β pointers [M_PAD, BLOCK_P] at β[n, m*L, oh, ow]; atoms m >= M are masked to zero.
-    atom = tl.arange(0, M_PAD)
-    coeff_ptrs = coeff_ptr + offset(atom * L, stride_coeff_c)[:, None] \
-        + (n * stride_coeff_n + oh * stride_coeff_h + ow * stride_coeff_w)[None, :]
-    coeff_mask = (atom < M)[:, None] & pix_mask[None, :]
-
-    # float16 Z would overflow for large atoms: scale each pixel's atoms by a power of two that
-    # bounds their L1 norm by 1 (|Z| <= max |x| then), undone on the output (see tiles).
-    atom_scale = tl.full([BLOCK_P], 1.0, tl.float32)
-    inverse_scale = tl.full([BLOCK_P], 1.0, tl.float32)
+    atoms = pixel_atoms(coeff_ptr, offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE), pix_mask,
+                        stride_coeff_c, bases_ptr, stride_bases_l, stride_bases_h, stride_bases_w, M, L, KH, KW,
+                        BLOCK_P, WIDE)
     if y_ptr.dtype.element_ty == tl.float16:
-        bound = tl.zeros([M_PAD, BLOCK_P], dtype=tl.float32)
-        for i in range(KH):
-            for j in range(KW):
-                bound += atom_l1(coeff_ptrs, coeff_mask, bases_ptr + offset(i, stride_bases_h) + offset(j, stride_bases_w),
-                                 stride_coeff_c, stride_bases_l, L, M_PAD, BLOCK_P)
-        atom_scale, inverse_scale = pow2_scale(tl.max(bound, axis=0))
+        atoms, inverse_scale = scaled_to_unit_l1(atoms, M, KH * KW, BLOCK_P)
 
-    # Output channels of this tile, inside the group and global; packed α rows.
-    o_in_g = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-    o_mask = o_in_g < C_out_g
-    o_glob = group * C_out_g + o_in_g
-    w_ptrs = w_ptr + offset(o_glob, tl.cdiv(C_in_g, BLOCK_C) * BLOCK_K)[:, None] + tl.arange(0, BLOCK_K)[None, :]
+    # Output channels of this tile (inside the group) and their packed α rows.
+    o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_mask = o < C_out_g
+    num_chunks = tl.cdiv(C_in_g, BLOCK_C)
+    M_DOT: tl.constexpr = (M + ATOMS_PER_DOT - 1) // ATOMS_PER_DOT * ATOMS_PER_DOT
+    w_rows = (group * C_out_g + o) * (num_chunks * M_DOT * BLOCK_C)
 
     chan = tl.arange(0, BLOCK_C)
+    x_pix = offset(oh * SH, stride_x_h, WIDE) + offset(ow * SW, stride_x_w, WIDE)
     acc = tl.zeros([BLOCK_O, BLOCK_P], dtype=tl.float32)
-    for c0 in range(0, C_in_g, BLOCK_C):
-        chan_mask = c0 + chan < C_in_g
-        x_chan = offset(group * C_in_g + c0 + chan, stride_x_c)
-        z = atom_times_features(x_ptr + x_chan[:, None] + x_pix[None, :], chan_mask, ih0, iw0,
-                                pix_mask, H, W, KH, KW, DH, DW, stride_x_h, stride_x_w, coeff_ptrs,
-                                coeff_mask, atom_scale, bases_ptr, stride_coeff_c, stride_bases_l, stride_bases_h,
-                                stride_bases_w, L, M_PAD, BLOCK_C, BLOCK_P)
-        # Chunk c0 // BLOCK_C of every packed α row starts c0 * M_PAD elements in.
-        acc = coefficient_sum(acc, z, (atom < M)[:, None, None] & chan_mask[None, :, None], w_ptrs + c0 * M_PAD,
-                              o_mask[:, None], BLOCK_K, BLOCK_P, DOT_PRECISION, INTERPRETED)
+    for chunk in range(num_chunks):
+        c = chunk * BLOCK_C + chan
+        chan_mask = c < C_in_g
+        z = atom_times_features(x_ptr + offset(c, stride_x_c, WIDE)[:, None] + x_pix[None, :], chan_mask, oh, ow,
+                                pix_mask, H, W, SH, SW, PH, PW, DH, DW, stride_x_h, stride_x_w, atoms, M, KH, KW,
+                                BLOCK_C, BLOCK_P, WIDE)
+        acc = coefficient_sum(acc, z, w_ptr + chunk * (M_DOT * BLOCK_C), w_rows, o_mask, chan_mask, M, EVEN_C,
+                              ATOMS_PER_DOT, BLOCK_C, BLOCK_P, DOT_PRECISION, INTERPRETED)
 
-    acc *= inverse_scale[None, :]
+    if y_ptr.dtype.element_ty == tl.float16:
+        acc *= inverse_scale[None, :]
+    o_glob = group * C_out_g + o
     if bias_ptr is not None:
-        acc += tl.load(bias_ptr + offset(o_glob, stride_bias), mask=o_mask, other=0.0).to(tl.float32)[:, None]
-    y_ptrs = y_ptr + offset(o_glob, stride_y_c)[:, None] \
-        + (n * stride_y_n + oh * stride_y_h + ow * stride_y_w)[None, :]
+        acc += tl.load(bias_ptr + o_glob * stride_bias, mask=o_mask, other=0.0).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + offset(o_glob, stride_y_c, WIDE)[:, None] \
+        + (offset(oh, stride_y_h, WIDE) + offset(ow, stride_y_w, WIDE))[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=o_mask[:, None] & pix_mask[None, :])
 
 
 def forward_kernel_args(x, atom_coeff, bases, weight, bias, y, geo: AtomConvGeometry,
-                        launch: ForwardLaunch) -> dict[str, object]:
+                        launch: TileLaunch) -> dict[str, object]:
     """Every argument of `atom_conv2d_fwd_kernel`, by name, in order (constexprs included).
     The launcher and the static report both build the kernel's arguments here."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geo.kernel_size, geo.stride, geo.padding, geo.dilation
-    h_out, w_out = geo.out_size
+    c_in_g = geo.in_channels // geo.groups
     return dict(
         x_ptr=x, coeff_ptr=atom_coeff, bases_ptr=bases, w_ptr=pack_weight(weight, launch),
         bias_ptr=bias, y_ptr=y,
-        num_pixels=geo.batch * h_out * w_out, H=geo.in_size[0], W=geo.in_size[1], H_out=h_out, W_out=w_out,
-        G=geo.groups, C_in_g=geo.in_channels // geo.groups, C_out_g=geo.out_channels // geo.groups,
-        M=geo.num_atoms, L=geo.num_bases, KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw,
+        H=geo.in_size[0], W=geo.in_size[1], H_out=geo.out_size[0], W_out=geo.out_size[1],
+        G=geo.groups, C_in_g=c_in_g, C_out_g=geo.out_channels // geo.groups,
+        SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw,
         **strides("stride_x", "nchw", x), **strides("stride_coeff", "nchw", atom_coeff),
         **strides("stride_bases", "lhw", bases),
         stride_bias=0 if bias is None else bias.stride(0), **strides("stride_y", "nchw", y),
-        BLOCK_P=launch.BLOCK_P, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C, M_PAD=launch.M_PAD,
+        M=geo.num_atoms, L=geo.num_bases, KH=kh, KW=kw,
+        BLOCK_P=launch.BLOCK_P, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C, ATOMS_PER_DOT=launch.ATOMS_PER_DOT,
+        EVEN_C=c_in_g % launch.BLOCK_C == 0, WIDE=needs_wide_offsets(x, atom_coeff, y),
         DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,
     )
 
 
-def pack_weight(weight: torch.Tensor, launch: ForwardLaunch) -> torch.Tensor:
-    """α [C_out, C_in_g, M] -> [C_out, cdiv(C_in_g, BLOCK_C), M_PAD, BLOCK_C] contiguous, zero
-    where the channel or the atom is padding: chunk j of row o is α[o, j*BLOCK_C + c, m] at
-    column m*BLOCK_C + c, the order of Z's rows in the kernel."""
+def pack_weight(weight: torch.Tensor, launch: TileLaunch) -> torch.Tensor:
+    """α [C_out, C_in_g, M] -> [C_out, cdiv(C_in_g, BLOCK_C), M_DOT, BLOCK_C] contiguous (M_DOT: M
+    rounded up to ATOMS_PER_DOT), zero where the channel or the atom is padding: the block of
+    chunk j and atom m of row o holds α[o, j*BLOCK_C + c, m] at column c."""
     c_out, c_in_g, m = weight.shape
     chunks = triton.cdiv(c_in_g, launch.BLOCK_C)
-    packed = weight.new_zeros(c_out, chunks * launch.BLOCK_C, launch.M_PAD)
+    m_dot = launch.ATOMS_PER_DOT * triton.cdiv(m, launch.ATOMS_PER_DOT)
+    packed = weight.new_zeros(c_out, chunks * launch.BLOCK_C, m_dot)
     packed[:, :c_in_g, :m] = weight
-    return packed.view(c_out, chunks, launch.BLOCK_C, launch.M_PAD).transpose(2, 3).contiguous()
+    return packed.view(c_out, chunks, launch.BLOCK_C, m_dot).transpose(2, 3).contiguous()
+
+
+def forward_footprint(launch: TileLaunch, geo: AtomConvGeometry, dtype: torch.dtype, arch: str) -> autotune_cache.Footprint:
+    """What a config costs on a problem, for candidate pruning. Registers per thread, at least:
+    the atoms (M*KH*KW), Z (M*BLOCK_C) and the accumulator (BLOCK_O, one pixel per thread), fp32.
+    Shared memory: the stage-3 dot's operands, α [BLOCK_O, K] and Z [K, BLOCK_P] in the input
+    dtype (K = ATOMS_PER_DOT * BLOCK_C). Cost: stage 2 on the padded channel tiles, redone for every
+    output-channel tile, plus stage 1 per output-channel tile."""
+    (kh, kw), m = geo.kernel_size, geo.num_atoms
+    c_in_g, c_out_g = geo.in_channels // geo.groups, geo.out_channels // geo.groups
+    pixels = geo.out_size[0] * geo.out_size[1]
+    k = launch.ATOMS_PER_DOT * launch.BLOCK_C
+    registers = m * kh * kw + m * launch.BLOCK_C + launch.BLOCK_O
+    padded_pixels = geo.batch * launch.BLOCK_P * triton.cdiv(pixels, launch.BLOCK_P)
+    o_tiles = geo.groups * triton.cdiv(c_out_g, launch.BLOCK_O)
+    padded_c = launch.BLOCK_C * triton.cdiv(c_in_g, launch.BLOCK_C)
+    cost = padded_pixels * o_tiles * m * kh * kw * (padded_c + geo.num_bases)
+    fill = geo.batch * pixels / padded_pixels * c_in_g / padded_c * c_out_g / (launch.BLOCK_O * triton.cdiv(c_out_g, launch.BLOCK_O))
+    return autotune_cache.Footprint(launch=launch, threads=32 * launch.num_warps,
+                                    shared_bytes=(launch.BLOCK_O + launch.BLOCK_P) * k * dtype.itemsize,
+                                    registers=registers, fill=fill, cost=cost)
 
 
 def atom_conv2d_forward(x, atom_coeff, bases, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -173,7 +179,7 @@ def atom_conv2d_forward(x, atom_coeff, bases, weight, bias=None, stride=1, paddi
 
 
 def launch_forward(x, atom_coeff, bases, weight, bias, geo: AtomConvGeometry, *,
-                   config: ForwardConfig | None = None) -> torch.Tensor:
+                   config: TileConfig | None = None) -> torch.Tensor:
     """Run the kernel on validated inputs (see `atom_conv2d_forward`), on x's device; `config`
     forces a launch config instead of the one `tuned_config` chooses."""
     check_runnable(x)
@@ -182,28 +188,31 @@ def launch_forward(x, atom_coeff, bases, weight, bias, geo: AtomConvGeometry, *,
     if y.numel() == 0:
         return y
     if config is None:
-        arch, shape = arch_of(x.device), autotune_cache.layer_shape(geo)
+        arch = arch_of(x.device)
         config = tuned_config(
-            "atom_conv2d_fwd", x, geo, forward_candidates(forward_shape_class(geo)), pick_forward_config(x.dtype, arch),
+            "atom_conv2d_fwd", x, geo, tile_candidates(), default_config(x.dtype, arch),
             run=lambda c: launch_forward(x, atom_coeff, bases, weight, bias, geo, config=c),
-            footprint=lambda c: autotune_cache.forward_footprint(fit_forward_config(c, geo), shape, x.dtype, arch),
+            footprint=lambda c: forward_footprint(fit_tile_config(c, geo), geo, x.dtype, arch),
         )
-    launch = fit_forward_config(config, geo)
     with launching.on_device_of(x):
-        atom_conv2d_fwd_kernel[_grid(geo, launch)](**forward_kernel_args(x, atom_coeff, bases, weight, bias, y, geo,
-                                                                         launch),
-                                                   num_warps=launch.num_warps, num_stages=launch.num_stages)
+        forward_launch(x, atom_coeff, bases, weight, bias, y, geo, fit_tile_config(config, geo)).run()
     return y
 
 
-def _grid(geo: AtomConvGeometry, launch: ForwardLaunch) -> tuple[int]:
-    """(programs,): pixel tiles x groups x output-channel tiles. Pixel indices are int32 in the
-    kernel, so the padded pixel count must stay below 2**31."""
-    num_pixels = geo.batch * geo.out_size[0] * geo.out_size[1]
-    num_pixel_tiles = triton.cdiv(num_pixels, launch.BLOCK_P)
-    programs = num_pixel_tiles * geo.groups * triton.cdiv(geo.out_channels // geo.groups, launch.BLOCK_O)
-    check_int32_indexing("N*H_out*W_out", num_pixels, launch.BLOCK_P, programs)
-    return (programs,)
+def forward_launch(x, atom_coeff, bases, weight, bias, y, geo: AtomConvGeometry, launch: TileLaunch) -> Launch:
+    """The one kernel launch of a forward, as `launch_forward` makes it."""
+    return Launch("atom_conv2d_fwd", atom_conv2d_fwd_kernel,
+                  forward_kernel_args(x, atom_coeff, bases, weight, bias, y, geo, launch),
+                  (forward_programs(geo, launch),), launch.num_warps, launch.num_stages)
+
+
+def forward_programs(geo: AtomConvGeometry, launch: TileLaunch) -> int:
+    """Pixel tiles (per sample) x groups x output-channel tiles; pixel and program ids are int32."""
+    pixels = geo.out_size[0] * geo.out_size[1]
+    programs = (geo.batch * triton.cdiv(pixels, launch.BLOCK_P) * geo.groups
+                * triton.cdiv(geo.out_channels // geo.groups, launch.BLOCK_O))
+    launching.check_int32_indexing("H_out*W_out", pixels, launch.BLOCK_P, programs)
+    return programs
 
 
 autotune_cache.register_tuner("atom_conv2d_fwd", atom_conv2d_forward)

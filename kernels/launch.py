@@ -9,6 +9,7 @@ launch (and for timing it), so a model on cuda:1 runs on cuda:1 while cuda:0 is 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,6 +40,23 @@ if INTERPRETING and _version(triton.__version__) < (3, 7) and _version(np.__vers
     raise ImportError(f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) fails with numpy "
                       f"{np.__version__} ('only 0-dimensional arrays can be converted to Python scalars'): "
                       "install numpy<2.4 with it, or Triton 3.7 or newer")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One launch of a kernel, exactly as a launcher makes it: the `@triton.jit` function, every
+    argument by name (constexprs included), the grid and the launch options. The static report
+    lists these for the static model (`perf.static_report.kernel_launches`)."""
+
+    name: str
+    fn: object
+    args: dict
+    grid: tuple[int, ...]
+    num_warps: int
+    num_stages: int
+
+    def run(self) -> None:
+        self.fn[self.grid](**self.args, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 def on_device_of(t: torch.Tensor):
@@ -79,12 +97,24 @@ def strides(prefix: str, dims: str, t: torch.Tensor) -> dict[str, int]:
     return {f"{prefix}_{d}": s for d, s in zip(dims, t.stride())}
 
 
-def check_int32_indexing(what: str, num_pixels: int, block_p: int, programs: int) -> None:
-    """The kernels index pixels and programs in int32 (tensor offsets are int64): refuse, with a
-    message, a launch whose padded pixel count or program count passes 2**31 (what: how the pixel
-    count is made)."""
-    padded_pixels = triton.cdiv(num_pixels, block_p) * block_p
+def check_int32_indexing(what: str, pixels_per_sample: int, block_p: int, programs: int) -> None:
+    """The kernels index the pixels of one sample and the programs in int32 (tensor offsets are
+    made wider, see `needs_wide_offsets`): refuse, with a message, a launch whose padded pixel
+    count per sample or program count passes 2**31 (what: how the pixel count is made)."""
+    padded_pixels = triton.cdiv(pixels_per_sample, block_p) * block_p
     if max(padded_pixels, programs) > MAX_INT32:
-        raise ValueError(f"the Triton path indexes pixels and programs in int32: {what} = {num_pixels} "
-                         f"needs {programs} programs of {block_p} pixels, over 2**31")
+        raise ValueError(f"the Triton path indexes pixels and programs in int32: {what} = {pixels_per_sample} "
+                         f"pixels per sample need {programs} programs of {block_p} pixels, over 2**31")
 
+
+def needs_wide_offsets(*tensors: torch.Tensor) -> bool:
+    """Whether offsets inside one sample (the kernels' `offset`, int32 unless WIDE) can pass
+    2**31 for any of these [N, C, H, W] tensors: its extent past the sample start, with room for
+    taps reaching up to an image beyond the edges (padding and dilation are bounded by the image
+    size the validation accepts)."""
+    for t in tensors:
+        _, c, h, w = t.shape
+        extent = (c - 1) * abs(t.stride(1)) + 3 * (h * abs(t.stride(2)) + w * abs(t.stride(3)))
+        if extent > MAX_INT32:
+            return True
+    return False

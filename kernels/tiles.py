@@ -1,24 +1,30 @@
 """The on-chip pieces the forward and backward kernels share (all `@triton.jit`).
 
-Index arithmetic. Pixel and program indices are int32 (the launchers check that they stay
-below 2**31); every offset into a tensor is int64. A coordinate times a stride passes 2**31 on
-large tensors and Triton computes products of int32 values in int32 (wrapping silently), so
-offsets are made only with `offset` (coordinate x stride in int64) and `pixel_coords` (a flat
-pixel index split into int64 (n, row, col)).
+Tiles. A program owns BLOCK_P consecutive output pixels of one sample (`pixel_tile`), one
+thread per pixel: per-pixel values are [BLOCK_P] vectors, per-pixel-and-channel values
+[BLOCK_C, BLOCK_P] tiles whose BLOCK_C channels sit in the thread's registers, so the atoms of
+a pixel are never replicated across threads and loads of x along a row are coalesced. The
+launchers keep BLOCK_P = 32 * num_warps. KH, KW, L and M are compile-time constants: every tap,
+basis and atom loop is unrolled, and the atoms and Z of a pixel are tuples of registers, M
+or M*KH*KW of them, without padding M to a power of two.
 
-Stages (SPEC §1) on tiles laid out pixels-last: `basis_to_atom` (stage 1 for one tap),
-`load_taps` (one tap of x, zero padding by masks), `atom_times_features` (stage 2 of one
-channel chunk) and `coefficient_sum` (stage 3 of one chunk, a tensor-core dot).
+Stages (SPEC §1): `pixel_atoms` (stage 1, once per tile), `atom_times_features` (stage 2 of
+one channel chunk), `coefficient_sum` (stage 3 of one chunk, tensor-core dots).
+
+Index arithmetic. Each program first moves its tensor pointers to its sample (int64: batch *
+stride overflows int32 on large tensors); offsets inside a sample are made with `offset`,
+int32 unless the launcher found a tensor whose sample extent passes 2**31 elements (WIDE, then
+int64: Triton computes products of int32 values in int32 and wraps silently).
 
 Numerics of the tensor-core dots. A 16-bit problem rounds Z (and the backward's U, the
 atom-weighted sum of dy) to the input dtype for its dot. In float16 that overflows where the
 result does not: atoms of size 5e5 make |Z| = 5e6 while α = 1e-4 brings y back to 1e3. So the
 atoms of a pixel are first multiplied by a power of two `pow2_scale(bound)` with bound >= the
-L1 norm of the pixel's atoms (`atom_l1`): then |scaled Z| <= max |x| < 65504 (x is float16
-itself), and the accumulator is multiplied back by the inverse power of two at the end.
-Powers of two are exact, so nothing changes but the range. `dot_operand` rounds a tile to the
-dtype the dot reads and, under the interpreter, widens it back to fp32 for the interpreter's
-dot: CPU tests then see the same rounding, and the same overflows, as a GPU.
+L1 norm of the pixel's atoms: then |scaled Z| <= max |x| < 65504 (x is float16 itself), and the
+accumulator is multiplied back by the inverse power of two at the end. Powers of two are exact,
+so nothing changes but the range. `dot_operand` rounds a tile to the dtype the dot reads and,
+under the interpreter, widens it back to fp32 for the interpreter's dot: CPU tests then see the
+same rounding, and the same overflows, as a GPU.
 """
 
 import triton
@@ -26,16 +32,27 @@ import triton.language as tl
 
 
 @triton.jit
-def offset(index, stride):
-    """index * stride in int64: the offset of a coordinate along a tensor dimension."""
-    return tl.cast(index, tl.int64) * stride
+def offset(index, stride, WIDE: tl.constexpr):
+    """index * stride: int64 when WIDE, else int32 (the launcher checks that it fits)."""
+    if WIDE:
+        return tl.cast(index, tl.int64) * stride
+    return index * stride
 
 
 @triton.jit
-def pixel_coords(pix, H, W):
-    """Flat pixel indices [BLOCK] over [N, H, W] (int32) -> (n, row, col), each int64."""
-    n = pix // (H * W)
-    return n.to(tl.int64), ((pix // W) % H).to(tl.int64), (pix % W).to(tl.int64)
+def pixel_tile(pid_p, H_out, W_out, BLOCK_P: tl.constexpr):
+    """Program id over (sample, pixel tile) -> n (int64 scalar), oh, ow [BLOCK_P] and the mask of
+    the pixels inside the sample's H_out * W_out grid."""
+    tiles = tl.cdiv(H_out * W_out, BLOCK_P)
+    n, tile = pid_p // tiles, pid_p % tiles
+    pix = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    return n.to(tl.int64), pix // W_out, pix % W_out, pix < H_out * W_out
+
+
+@triton.jit
+def add_at(values, i: tl.constexpr, term):
+    """The tuple `values` with values[i] += term."""
+    return values[:i] + (values[i] + term,) + values[i + 1:]
 
 
 @triton.jit
@@ -68,79 +85,104 @@ def pow2_scale(bound):
 
 
 @triton.jit
-def atom_l1(coeff_ptrs, coeff_mask, bases_ptr, stride_coeff_l, stride_bases_l, L,
-            M_PAD: tl.constexpr, BLOCK_P: tl.constexpr):
-    """[M_PAD, BLOCK_P] fp32 bound of one tap's atoms, Σ_l |β[m*L + l, p]| · |Ψ[l]| >= |A[m, p]|
-    (arguments as `basis_to_atom`); summed over the taps it bounds the L1 norm of the atoms."""
-    bound = tl.zeros([M_PAD, BLOCK_P], dtype=tl.float32)
-    for l in range(L):
-        beta = tl.load(coeff_ptrs + offset(l, stride_coeff_l), mask=coeff_mask, other=0.0).to(tl.float32)
-        psi = tl.load(bases_ptr + offset(l, stride_bases_l)).to(tl.float32)
-        bound += tl.where(coeff_mask, tl.abs(beta) * tl.abs(psi), 0.0)  # masked β: 0, even for an Inf Ψ
-    return bound
-
-
-@triton.jit
-def basis_to_atom(coeff_ptrs, coeff_mask, bases_ptr, stride_coeff_l, stride_bases_l, L,
-                  M_PAD: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Stage 1 for one tap: atoms [M_PAD, BLOCK_P] fp32, A[m, p] = Σ_l β[m*L + l, p] · Ψ[l].
-
-    coeff_ptrs [M_PAD, BLOCK_P] point at β[n, m*L, oh, ow]; bases_ptr at Ψ[0, i, j].
-    Atoms m >= M come out zero (masked β) unless Ψ holds an Inf: callers mask what they sum.
-    """
-    atoms = tl.zeros([M_PAD, BLOCK_P], dtype=tl.float32)
-    for l in range(L):
-        beta = tl.load(coeff_ptrs + offset(l, stride_coeff_l), mask=coeff_mask, other=0.0).to(tl.float32)
-        psi = tl.load(bases_ptr + offset(l, stride_bases_l)).to(tl.float32)
-        atoms += beta * psi
+def pixel_atoms(coeff_ptr, coeff_pix, coeff_mask, stride_coeff_c, bases_ptr, stride_bases_l, stride_bases_h,
+                stride_bases_w, M: tl.constexpr, L: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                BLOCK_P: tl.constexpr, WIDE: tl.constexpr):
+    """Stage 1 for a tile of pixels: the tuple of M*KH*KW atoms [BLOCK_P] fp32, entry
+    (i*KW + j)*M + m = A[m, i, j, p] = Σ_l β[m*L + l, p] · Ψ[l, i, j]. coeff_ptr points at the
+    sample's β, coeff_pix [BLOCK_P] at each pixel within it; pixels where coeff_mask is false get
+    zero atoms."""
+    atoms = (tl.zeros([BLOCK_P], tl.float32),) * (KH * KW * M)
+    for m in tl.static_range(M):
+        for l in tl.static_range(L):
+            beta = tl.load(coeff_ptr + offset(m * L + l, stride_coeff_c, WIDE) + coeff_pix, mask=coeff_mask,
+                           other=0.0).to(tl.float32)
+            for t in tl.static_range(KH * KW):
+                psi = tl.load(bases_ptr + l * stride_bases_l + (t // KW) * stride_bases_h
+                              + (t % KW) * stride_bases_w).to(tl.float32)
+                atoms = add_at(atoms, t * M + m, beta * psi)
     return atoms
 
 
 @triton.jit
-def load_taps(x_ptrs, chan_mask, pix_mask, ih, iw, H, W, stride_x_h, stride_x_w):
-    """One tap of a channel chunk: x[n, c, ih, iw] as [BLOCK_C, BLOCK_P] fp32, zero where
-    (ih, iw) [BLOCK_P] (int64) falls outside the image (the padding). x_ptrs [BLOCK_C, BLOCK_P]
-    point at x[n, c, 0, 0]."""
-    tap_ok = pix_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    return tl.load(x_ptrs + (ih * stride_x_h + iw * stride_x_w)[None, :],
-                   mask=chan_mask[:, None] & tap_ok[None, :], other=0.0).to(tl.float32)
+def atom_l1_bound(atoms, M: tl.constexpr, TAPS: tl.constexpr, BLOCK_P: tl.constexpr):
+    """[BLOCK_P] fp32: the largest L1 norm (over the taps) of a pixel's atoms."""
+    bound = tl.zeros([BLOCK_P], tl.float32)
+    for m in tl.static_range(M):
+        norm = tl.zeros([BLOCK_P], tl.float32)
+        for t in tl.static_range(TAPS):
+            norm += tl.abs(atoms[t * M + m])
+        bound = tl.maximum(bound, norm)
+    return bound
 
 
 @triton.jit
-def atom_times_features(x_ptrs, chan_mask, ih0, iw0, pix_mask, H, W, KH, KW, DH, DW,
-                        stride_x_h, stride_x_w, coeff_ptrs, coeff_mask, atom_scale, bases_ptr, stride_coeff_l,
-                        stride_bases_l, stride_bases_h, stride_bases_w, L,
-                        M_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Stage 2 for one channel chunk: Z [M_PAD, BLOCK_C, BLOCK_P] fp32,
-    Z[m, c, p] = Σ_taps atom_scale[p] · A[m, p, tap] · x_tap[c, p], every tap summed before stage 3.
+def scaled_atoms(atoms, scale, TAPS_M: tl.constexpr):
+    """Every atom multiplied by scale ([BLOCK_P] or a scalar)."""
+    scaled = ()
+    for k in tl.static_range(TAPS_M):
+        scaled = scaled + (atoms[k] * scale,)
+    return scaled
 
-    x_ptrs [BLOCK_C, BLOCK_P] point at x[n, c, 0, 0]; ih0, iw0 [BLOCK_P] int64 are the input
-    coordinates of tap (0, 0); taps outside the image read as zero (the padding). atom_scale
-    [BLOCK_P] is a power of two (see `pow2_scale`), or 1.
-    """
-    z = tl.zeros([M_PAD, BLOCK_C, BLOCK_P], dtype=tl.float32)
-    for i in range(KH):
-        for j in range(KW):
-            taps = load_taps(x_ptrs, chan_mask, pix_mask, ih0 + i * DH, iw0 + j * DW, H, W, stride_x_h, stride_x_w)
-            atoms = basis_to_atom(coeff_ptrs, coeff_mask,
-                                  bases_ptr + offset(i, stride_bases_h) + offset(j, stride_bases_w),
-                                  stride_coeff_l, stride_bases_l, L, M_PAD, BLOCK_P)
-            z += (atoms * atom_scale[None, :])[:, None, :] * taps[None, :, :]
+
+@triton.jit
+def scaled_to_unit_l1(atoms, M: tl.constexpr, TAPS: tl.constexpr, BLOCK_P: tl.constexpr):
+    """(atoms, inverse): the atoms of each pixel multiplied by the power of two s[p] that keeps
+    the L1 norm of every atom of that pixel below 1, and 1 / s [BLOCK_P] (see the module doc)."""
+    scale, inverse = pow2_scale(atom_l1_bound(atoms, M, TAPS, BLOCK_P))
+    return scaled_atoms(atoms, scale, TAPS * M), inverse
+
+
+@triton.jit
+def atom_times_features(x_ptrs, chan_mask, oh, ow, pix_mask, H, W, SH, SW, PH, PW, DH, DW,
+                        stride_x_h, stride_x_w, atoms, M: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, WIDE: tl.constexpr):
+    """Stage 2 for one channel chunk: the tuple of M tiles Z[m] [BLOCK_C, BLOCK_P] fp32,
+    Z[m][c, p] = Σ_(i,j) A[m, i, j, p] · x[c, oh*SH - PH + i*DH, ow*SW - PW + j*DW] with x zero
+    outside the image (the padding). x_ptrs [BLOCK_C, BLOCK_P] point at x[n, c, oh*SH, ow*SW];
+    atoms as `pixel_atoms` makes them."""
+    z = (tl.zeros([BLOCK_C, BLOCK_P], tl.float32),) * M
+    for i in tl.static_range(KH):
+        ih = oh * SH - PH + i * DH
+        row_ok = pix_mask & (ih >= 0) & (ih < H)
+        x_row = x_ptrs + offset(i * DH - PH, stride_x_h, WIDE)
+        for j in tl.static_range(KW):
+            iw = ow * SW - PW + j * DW
+            tap_ok = row_ok & (iw >= 0) & (iw < W)
+            x_tap = tl.load(x_row + offset(j * DW - PW, stride_x_w, WIDE), mask=chan_mask[:, None] & tap_ok[None, :],
+                            other=0.0).to(tl.float32)
+            for m in tl.static_range(M):
+                z = add_at(z, m, atoms[(i * KW + j) * M + m][None, :] * x_tap)
     return z
 
 
 @triton.jit
-def coefficient_sum(acc, z, z_ok, w_ptrs, w_mask, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+def coefficient_sum(acc, z, w_ptr, w_rows, o_mask, chan_mask, M: tl.constexpr, EVEN_C: tl.constexpr,
+                    ATOMS_PER_DOT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    """Stage 3 for one chunk: acc [BLOCK_O, BLOCK_P] fp32 += α [BLOCK_O, BLOCK_K] @ Z [BLOCK_K, BLOCK_P],
-    z [M_PAD, BLOCK_C, BLOCK_P] as [BLOCK_K, BLOCK_P] (row m*BLOCK_C + c), w_ptrs [BLOCK_O, BLOCK_K]
-    pointing at a packed α chunk (column k = m*BLOCK_C + c; w_mask says which rows are real).
+    """Stage 3 for one chunk: acc [BLOCK_O, BLOCK_P] fp32 += Σ_m α_m [BLOCK_O, BLOCK_C] @ Z[m]
+    [BLOCK_C, BLOCK_P], on tensor cores. w_ptr points at the chunk's block of the packed α
+    (`forward.pack_weight`: atom m's BLOCK_C columns start m*BLOCK_C in), w_rows [BLOCK_O] are
+    the offsets of the tile's rows (o_mask: rows inside the group). A 16-bit dot reduces over at
+    least 16: with fewer channels a dot takes ATOMS_PER_DOT = 2 atoms at once (a zero tile stands
+    in for the partner of the last of an odd M; its packed α columns are zero too).
 
-    Z rows that are padding (z_ok [M_PAD, BLOCK_C, 1] false: atoms m >= M, channels past the
-    group) are zeroed first: their zero α would still turn an Inf there into NaN (0 * Inf).
+    Z rows of channels past the group (chan_mask false; only in a ragged last chunk, not EVEN_C)
+    are zeroed first: their zero α would turn an Inf there (an Inf atom times 0) into NaN.
     """
-    w = tl.load(w_ptrs, mask=w_mask, other=0.0)
-    z = tl.reshape(tl.where(z_ok, z, 0.0), [BLOCK_K, BLOCK_P])
-    dtype: tl.constexpr = w_ptrs.dtype.element_ty
-    return tl.dot(dot_operand(w, dtype, INTERPRETED), dot_operand(z, dtype, INTERPRETED), acc,
-                  input_precision=DOT_PRECISION)
+    dtype: tl.constexpr = w_ptr.dtype.element_ty
+    PER_DOT: tl.constexpr = ATOMS_PER_DOT
+    columns = tl.arange(0, PER_DOT * BLOCK_C)
+    for k in tl.static_range(0, M, PER_DOT):
+        if PER_DOT == 1:
+            operand = z[k]
+        else:
+            partner = z[k + 1] if k + 1 < M else tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+            operand = tl.reshape(tl.permute(tl.join(z[k], partner), (2, 0, 1)), [2 * BLOCK_C, BLOCK_P])
+        if not EVEN_C:
+            rows_ok = tl.reshape(tl.broadcast_to(chan_mask[None, :], [PER_DOT, BLOCK_C]), [PER_DOT * BLOCK_C])
+            operand = tl.where(rows_ok[:, None], operand, 0.0)
+        w = tl.load(w_ptr + w_rows[:, None] + (k * BLOCK_C + columns)[None, :], mask=o_mask[:, None], other=0.0)
+        acc = tl.dot(dot_operand(w, dtype, INTERPRETED), dot_operand(operand, dtype, INTERPRETED), acc,
+                     input_precision=DOT_PRECISION)
+    return acc

@@ -94,10 +94,15 @@ def test_every_launcher_asks_the_autotune_cache():
         return chosen
 
     fitted = []
-    fit = kernels.configs.fit_forward_config
+    fit = kernels.configs.fit_tile_config
+
+    def recording_fit(config, geo, **kwargs):
+        fitted.append(config)
+        return fit(config, geo, **kwargs)
+
     with mock.patch.object(autotune_cache, "get_config", side_effect=answer), \
-         mock.patch.object(kernels.forward, "fit_forward_config", side_effect=lambda c, g: fitted.append(c) or fit(c, g)), \
-         mock.patch.object(kernels.backward, "fit_forward_config", side_effect=lambda c, g: fitted.append(c) or fit(c, g)):
+         mock.patch.object(kernels.forward, "fit_tile_config", side_effect=recording_fit), \
+         mock.patch.object(kernels.backward, "fit_tile_config", side_effect=recording_fit):
         args = _problem(torch.float32, requires_grad=True)
         atom_conv2d(*args, **GEOMETRY, backend="triton").sum().backward()
     assert set(asked) == {"atom_conv2d_fwd", "atom_conv2d_bwd_coeff_bases", "atom_conv2d_bwd_weight", "atom_conv2d_bwd_input"}

@@ -108,14 +108,14 @@ def test_several_chunks_tiles_and_splits():
     """Small blocks: ragged channel chunks, several output-channel tiles and dZ dot steps per
     group, ragged pixel tiles, and a pixel split count that does not divide the tiles."""
     tensors, kwargs = make_problem(1, 22, 36, (5, 7), 3, padding=1, groups=2, num_atoms=3, num_bases=5)
-    small = configs.ForwardConfig(block_p=16, block_o=16, block_k=16, num_warps=4, num_stages=1)
+    small = configs.TileConfig(num_warps=1, block_c=8, block_o=16)
     inputs = to(tensors[:4], torch.float32)
     geo = validate_atom_conv2d(*inputs, None, **kwargs)
     grad_y = torch.randn(1, 36, 5, 7, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     dx = backward.launch_input_grad(grad_y, *inputs, geo, config=small)
     dcoeff, dbases = backward.launch_coeff_grad(grad_y, *inputs, geo, bases_grad=True, config=small)
     dweight = backward.launch_weight_grad(grad_y, *inputs, geo, config=small, splits=2)
-    assert triton.cdiv(5 * 7, 16) == 3  # pixel tiles: the last one ragged, split 2 gets one fewer
+    assert triton.cdiv(5 * 7, 32) == 2  # pixel tiles of 32: the last one ragged
     assert_grads_close((dx, dcoeff, dbases, dweight), reference_grads(inputs, grad_y, kwargs), inputs, torch.float32)
 
 
@@ -123,11 +123,11 @@ def test_several_chunks_tiles_and_splits():
 # config: the gradients it returns and their positions in (x, atom_coeff, bases, weight).
 LAUNCHERS = {
     "coeff": (lambda *args, config: backward.launch_coeff_grad(*args, bases_grad=True, config=config), (1, 2),
-              configs.coeff_grad_candidates()),
+              configs.tile_candidates()),
     "weight": (lambda *args, config: [backward.launch_weight_grad(*args, config=config)], (3,),
-               configs.weight_grad_candidates()),
+               configs.tile_candidates()),
     "input": (lambda *args, config: [backward.launch_input_grad(*args, config=config)], (0,),
-              configs.input_grad_candidates()),
+              configs.tile_candidates()),
 }
 
 
@@ -202,19 +202,11 @@ def test_bad_grad_output_is_refused():
         kernels.atom_conv2d_backward(torch.zeros(1, 4, 5, 6, device=DEVICE, dtype=torch.float16), *inputs, **kwargs)
 
 
-def test_defaults_cover_every_dtype_and_arch_and_are_candidates():
-    for defaults, candidates in ((configs.DEFAULT_COEFF_GRAD, configs.coeff_grad_candidates()),
-                                 (configs.DEFAULT_WEIGHT_GRAD, configs.weight_grad_candidates()),
-                                 (configs.DEFAULT_INPUT_GRAD, configs.input_grad_candidates())):
-        assert set(defaults) == {(dtype, arch) for dtype in configs.KERNEL_DTYPES for arch in configs.ARCHS}
-        assert set(defaults.values()) <= set(candidates)
-
-
 def test_weight_grad_splits_fill_the_target_within_the_pixel_tiles():
     tensors, kwargs = make_problem(2, 8, 8, (10, 10), 3, padding=1, groups=2)
     geo = validate_atom_conv2d(*tensors[:4], None, **kwargs)
-    launch = configs.fit_forward_config(configs.ForwardConfig(16, 16, 16, 4, 1), geo)
-    assert (launch.BLOCK_O, launch.BLOCK_C) == (16, 4)  # one α tile per group: 2 in all
-    assert configs.weight_grad_splits(geo, launch, target_programs=10) == 5
-    assert configs.weight_grad_splits(geo, launch, target_programs=10**6) == 13  # one per pixel tile: 200 / 16
+    launch = configs.fit_tile_config(configs.TileConfig(num_warps=1, block_c=8, block_o=16), geo)
+    assert (launch.BLOCK_O, launch.BLOCK_C, launch.BLOCK_P) == (16, 8, 32)  # one α tile per group: 2 in all
+    assert configs.weight_grad_splits(geo, launch, target_programs=3) == 2
+    assert configs.weight_grad_splits(geo, launch, target_programs=10**6) == 8  # one per pixel tile: 2 x 4 per sample
     assert configs.weight_grad_splits(geo, launch, target_programs=1) == 1

@@ -76,10 +76,10 @@ def test_several_chunks_and_tiles():
     """Small blocks: several channel chunks (the last one ragged), output-channel tiles per group
     and pixel tiles (the last one ragged)."""
     tensors, kwargs = make_problem(2, 22, 40, (6, 7), 3, padding=1, groups=2, num_atoms=3, num_bases=5)
-    small = configs.ForwardConfig(block_p=16, block_o=16, block_k=16, num_warps=4, num_stages=1)
+    small = configs.TileConfig(num_warps=1, block_c=8, block_o=16)
     geo = validate_atom_conv2d(*tensors, **kwargs)
-    launch = configs.fit_forward_config(small, geo)
-    assert (launch.BLOCK_C, launch.BLOCK_O, launch.BLOCK_P) == (4, 16, 16)
+    launch = configs.fit_tile_config(small, geo)
+    assert (launch.BLOCK_C, launch.BLOCK_O, launch.BLOCK_P, launch.ATOMS_PER_DOT) == (8, 16, 32, 2)
     inputs = to(tensors, torch.float32)
     assert_close(forward.launch_forward(*inputs, geo, config=small), reference(inputs, kwargs), torch.float32)
 
@@ -119,7 +119,7 @@ def test_static_atoms_match_conv2d():
     assert_close(y, expected.cpu(), torch.float32)
 
 
-@pytest.mark.parametrize("config", configs.all_forward_candidates(), ids=lambda c: "-".join(map(str, c.as_dict().values())))
+@pytest.mark.parametrize("config", configs.tile_candidates(), ids=lambda c: "-".join(map(str, c.as_dict().values())))
 def test_every_candidate_config(config):
     tensors, kwargs = make_problem(1, 10, 9, (5, 6), 3, padding=1, num_atoms=6, num_bases=3)
     geo = validate_atom_conv2d(*tensors, **kwargs)
@@ -173,18 +173,14 @@ def test_cpu_tensors_without_interpreter_fail_clearly():
 
 
 def test_fit_keeps_dots_at_least_16_wide():
-    """Depthwise with few atoms still gets a 16-wide reduction and 16 output channels per dot."""
+    """Depthwise with few atoms still gets a 16-wide reduction (two atoms of 8 channels) and 16
+    output channels per dot."""
     tensors, kwargs = make_problem(1, 4, 4, (5, 5), 3, groups=4, num_atoms=2)
-    launch = configs.fit_forward_config(configs.all_forward_candidates()[0], validate_atom_conv2d(*tensors, **kwargs))
-    assert launch.M_PAD == 2 and launch.BLOCK_C * launch.M_PAD >= 16 and launch.BLOCK_O >= 16
+    launch = configs.fit_tile_config(configs.tile_candidates()[0], validate_atom_conv2d(*tensors, **kwargs))
+    assert launch.BLOCK_C * launch.ATOMS_PER_DOT >= 16 and launch.BLOCK_O >= 16
 
 
-def test_defaults_cover_every_dtype_and_arch_and_are_candidates():
-    narrow, _ = make_problem(1, 64, 32, (5, 5), 3)
-    wide, _ = make_problem(1, 64, 64, (5, 5), 3)
-    assert configs.forward_shape_class(validate_atom_conv2d(*narrow, 1, 0, 1, 1)) == "narrow"
-    assert configs.forward_shape_class(validate_atom_conv2d(*wide, 1, 0, 1, 1)) == "wide"
+def test_the_default_is_a_candidate():
     for dtype in configs.KERNEL_DTYPES:
         for arch in configs.ARCHS:
-            default = configs.DEFAULT_FORWARD[dtype, arch]
-            assert all(default in configs.forward_candidates(c) for c in ("narrow", "wide"))
+            assert configs.default_config(dtype, arch) == configs.tile_candidates()[0]

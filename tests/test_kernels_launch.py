@@ -28,25 +28,29 @@ interpreter_only = pytest.mark.skipif(not launch.INTERPRETING, reason="drives th
 
 
 @triton.jit
-def _index_helpers_kernel(index_ptr, stride, pix_ptr, H, W, offset_ptr, n_ptr, row_ptr, col_ptr, BLOCK: tl.constexpr):
+def _index_helpers_kernel(index_ptr, stride, pid_ptr, H_out, W_out, offset_ptr, n_ptr, oh_ptr, ow_ptr,
+                          BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
-    tl.store(offset_ptr + i, tiles.offset(tl.load(index_ptr + i), stride))
-    n, row, col = tiles.pixel_coords(tl.load(pix_ptr + i), H, W)
-    tl.store(n_ptr + i, n)
-    tl.store(row_ptr + i, row)
-    tl.store(col_ptr + i, col)
+    tl.store(offset_ptr + i, tiles.offset(tl.load(index_ptr + i), stride, True))
+    n, oh, ow, _ = tiles.pixel_tile(tl.load(pid_ptr), H_out, W_out, BLOCK)
+    tl.store(n_ptr + i, n + i * 0)
+    tl.store(oh_ptr + i, oh)
+    tl.store(ow_ptr + i, ow)
 
 
 @interpreter_only
 def test_index_helpers_are_exact_past_2_31():
+    """`offset` (WIDE) is exact where int32 would wrap; `pixel_tile` splits a program id into its
+    sample (int64) and the rows and columns of its pixels."""
     index = torch.tensor([0, 1, 3, 5, 7, 1000, 2047, 65535], dtype=torch.int32)
-    pix = torch.tensor([0, 1, 2**31 - 1, 2**31 - 2, 123456789, 2**30, 77, 2**31 - 4097], dtype=torch.int32)
-    stride, (h, w) = 2**30 + 3, (4099, 4093)
-    out = [torch.empty(8, dtype=torch.int64) for _ in range(4)]
-    _index_helpers_kernel[(1,)](index, stride, pix, h, w, *out, BLOCK=8)
+    stride, (h_out, w_out), pid = 2**30 + 3, (5, 3), 4
+    out = [torch.empty(8, dtype=torch.int64)] + [torch.empty(8, dtype=torch.int32) for _ in range(3)]
+    _index_helpers_kernel[(1,)](index, stride, torch.tensor([pid], dtype=torch.int32), h_out, w_out, *out, BLOCK=8)
     assert out[0].tolist() == [i * stride for i in index.tolist()]
-    assert [out[1].tolist(), out[2].tolist(), out[3].tolist()] == [
-        [p // (h * w) for p in pix.tolist()], [p // w % h for p in pix.tolist()], [p % w for p in pix.tolist()]]
+    tiles_per_sample = -(-h_out * w_out // 8)  # 2: sample 2, second tile
+    pixels = [(pid % tiles_per_sample) * 8 + i for i in range(8)]
+    assert out[1].tolist() == [pid // tiles_per_sample] * 8
+    assert out[2].tolist() == [p // w_out for p in pixels] and out[3].tolist() == [p % w_out for p in pixels]
 
 
 LARGE_OFFSETS = textwrap.dedent("""
@@ -158,7 +162,7 @@ def test_tuning_times_under_a_guard_for_the_inputs_device(monkeypatch):
     from atomconv.validation import validate_atom_conv2d
 
     geo = validate_atom_conv2d(*tensors, **kwargs)
-    default = configs.DEFAULT_FORWARD[torch.float32, "sm_80"]
+    default = configs.default_config(torch.float32, "sm_80")
     assert configs.tuned_config("atom_conv2d_fwd", x.float(), geo, [default], default, run=lambda c: None) == default
     assert timed == [[x.device]]
 

@@ -120,6 +120,13 @@ def atom_conv2d_bwd_coeff_kernel(
                     alpha_t = tl.load(w_t + m * BLOCK_C, mask=o_mask[None, :], other=0.0)  # [BLOCK_C, BLOCK_O]
                     dz = add_at(dz, m, tl.dot(dot_operand(alpha_t, dtype, INTERPRETED), dot_operand(dy, dtype, INTERPRETED),
                                               input_precision=DOT_PRECISION))
+            # Padding lanes of dZ are exactly zero: an Inf tap there must not make NaN. (Once per
+            # chunk, this also moves dZ out of the dot's layout, instead of every tap into it.)
+            valid = chan_mask[:, None] & pix_mask[None, :]
+            masked_dz = ()
+            for m in tl.static_range(M):
+                masked_dz = masked_dz + (tl.where(valid, dz[m], 0.0),)
+            dz = masked_dz
             x_chunk = x_ptr + offset(group * C_in_g + c, stride_x_c, WIDE)[:, None] + x_pix[None, :]
             for i in tl.static_range(KH):
                 ih = oh * SH - PH + i * DH
@@ -351,7 +358,10 @@ def coeff_grad_launch(x, atom_coeff, bases, weight, grad_y, dcoeff, dbases, geo:
         DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,
     )
     name = "atom_conv2d_bwd_coeff_bases" if dbases is not None else "atom_conv2d_bwd_coeff"
-    return Launch(name, atom_conv2d_bwd_coeff_kernel, args, (programs,), launch.num_warps, launch.num_stages)
+    # Loops over groups, chunks and dZ's dot steps; Triton folds G == 1, and the group loop with it.
+    trips = (geo.groups,) * (geo.groups > 1) + (triton.cdiv(args["C_in_g"], launch.BLOCK_C),
+                                                triton.cdiv(args["C_out_g"], launch.BLOCK_O))
+    return Launch(name, atom_conv2d_bwd_coeff_kernel, args, (programs,), launch.num_warps, launch.num_stages, trips)
 
 
 def weight_grad_launch(x, atom_coeff, bases, grad_y, dweight_partials, geo: AtomConvGeometry,
@@ -370,8 +380,9 @@ def weight_grad_launch(x, atom_coeff, bases, grad_y, dweight_partials, geo: Atom
         BLOCK_P=launch.BLOCK_P, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C, M_DOT=_m_dot(geo, launch),
         WIDE=needs_wide_offsets(x, atom_coeff, grad_y), DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,
     )
+    pixel_tiles = geo.batch * triton.cdiv(geo.out_size[0] * geo.out_size[1], launch.BLOCK_P)
     return Launch("atom_conv2d_bwd_weight", atom_conv2d_bwd_weight_kernel, args, (programs,), launch.num_warps,
-                  launch.num_stages)
+                  launch.num_stages, loop_trips=(pixel_tiles / splits,))
 
 
 def input_grad_launch(atom_coeff, bases, weight, grad_y, dx, geo: AtomConvGeometry, launch: TileLaunch) -> Launch:
@@ -391,7 +402,7 @@ def input_grad_launch(atom_coeff, bases, weight, grad_y, dx, geo: AtomConvGeomet
         DOT_PRECISION=dot_precision(dx.dtype), INTERPRETED=INTERPRETING,
     )
     return Launch("atom_conv2d_bwd_input", atom_conv2d_bwd_input_kernel, args, (programs,), launch.num_warps,
-                  launch.num_stages)
+                  launch.num_stages, loop_trips=(triton.cdiv(c_out_g, launch.BLOCK_C),))
 
 
 def pack_transposed_weight(weight: torch.Tensor, groups: int, launch: TileLaunch) -> torch.Tensor:

@@ -203,7 +203,8 @@ def forward_launch(x, atom_coeff, bases, weight, bias, y, geo: AtomConvGeometry,
     """The one kernel launch of a forward, as `launch_forward` makes it."""
     return Launch("atom_conv2d_fwd", atom_conv2d_fwd_kernel,
                   forward_kernel_args(x, atom_coeff, bases, weight, bias, y, geo, launch),
-                  (forward_programs(geo, launch),), launch.num_warps, launch.num_stages)
+                  (forward_programs(geo, launch),), launch.num_warps, launch.num_stages,
+                  loop_trips=(triton.cdiv(geo.in_channels // geo.groups, launch.BLOCK_C),))
 
 
 def forward_programs(geo: AtomConvGeometry, launch: TileLaunch) -> int:

@@ -54,6 +54,9 @@ class Launch:
     grid: tuple[int, ...]
     num_warps: int
     num_stages: int
+    loop_trips: tuple[float, ...] = ()
+    """How many times the kernel's runtime loops run in a program, outermost first (an average
+    where programs differ); its other loops are unrolled at compile time. For static estimates."""
 
     def run(self) -> None:
         self.fn[self.grid](**self.args, num_warps=self.num_warps, num_stages=self.num_stages)

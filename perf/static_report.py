@@ -1,19 +1,28 @@
-"""Static report: compile every kernel x candidate config x dtype for sm_80 and sm_90, no GPU needed.
+"""Static report: what every kernel compiles to for sm_80 and sm_90, and what it would issue, no GPU needed.
 
-    python -m perf.static_report [--json FILE] [--defaults-only]
+    python -m perf.static_report [--json FILE] [--defaults-only]   every variant, compiled
+    python -m perf.static_report --estimate [--k 3 7] [--json FILE] per kernel of one forward and one
+                                                                    backward: warp-instructions per
+                                                                    output pixel and lower bounds
 
-One record per variant (SPEC §4): kernel, arch, dtype, config, default, shared_bytes,
-registers, spill_bytes, mma; and what it was compiled with and for: `triton` (the version) and
-`kernel_size` (the problem). The kernels: the fused forward (`atom_conv2d_fwd`) and the three
-backward kernels, dβ (`atom_conv2d_bwd_coeff`, and `atom_conv2d_bwd_coeff_bases`: the same
-kernel compiled to also reduce dΨ), dα (`atom_conv2d_bwd_weight`) and dx
-(`atom_conv2d_bwd_input`). Kernels are compiled for the project's performance problem (N=32,
-C_in=C_out=64, 56x56, M=6, "same" padding) at each kernel size of KERNEL_SIZES, with the
-specialisation the launcher's real arguments get at run time (16-byte divisible pointers and
-ints, ints equal to 1 folded to constants), taken from Triton's own argument binder.
-Registers and spills come from the bundled `cuobjdump --dump-resource-usage` (REG, STACK),
-the MMA count from its SASS (HMMA on sm_80, HGMMA or HMMA on sm_90). Must run without
-TRITON_INTERPRET: the interpreter compiles nothing.
+Records (SPEC §4), one per variant: kernel, arch, dtype, config, default, shared_bytes, registers,
+spill_bytes, mma; and what it was compiled with and for: `triton` (the version) and `kernel_size`.
+The kernels: the fused forward (`atom_conv2d_fwd`) and the backward kernels dx
+(`atom_conv2d_bwd_input`), dβ (`atom_conv2d_bwd_coeff`, and `atom_conv2d_bwd_coeff_bases`: the same
+kernel compiled to also reduce dΨ) and dα (`atom_conv2d_bwd_weight`). They are compiled for the
+project's performance problem (`PROBLEM`: N=32, C_in=C_out=64, 56x56, M=6, "same" padding, float16,
+contiguous NCHW) at each kernel size of KERNEL_SIZES, with the specialisation the launcher's real
+arguments get at run time (16-byte divisible pointers and ints, ints equal to 1 folded to
+constants), taken from Triton's own argument binder. Registers and spills come from the bundled
+`cuobjdump --dump-resource-usage` (REG, STACK), the MMA count from its SASS (HMMA on sm_80, HGMMA
+or HMMA on sm_90). Must run without TRITON_INTERPRET: the interpreter compiles nothing.
+
+`kernel_launches(problem, direction, dtype, arch)` lists every Triton launch one forward or one
+backward of a problem makes, exactly as the launchers make them (`kernels.launch.Launch`): the
+contract a static performance model reads. The estimate (`perf.sass_estimate`) counts the SASS of
+each launch, loop bodies times their trip counts, into warp-instructions per output pixel, and
+turns them into the bounds that need no address emulation (issue slots, FMA pipe, tensor cores,
+DRAM) on an H100 SXM.
 """
 
 from __future__ import annotations
@@ -26,9 +35,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default; set to silence triton 3.9's warning
 
@@ -38,9 +45,10 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
+from atomconv.validation import validate_atom_conv2d  # noqa: E402
 from kernels import backward, configs, forward, launch  # noqa: E402
 
-from .grids import Problem  # noqa: E402
+from .grids import BASES_PER_SCALE  # noqa: E402
 
 ARCH_NUMBERS = {"sm_80": 80, "sm_90": 90}
 SHARED_LIMIT_BYTES = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
@@ -49,154 +57,129 @@ RESOURCE_RE = re.compile(r"REG:(\d+)\s+STACK:(\d+)")
 KERNEL_SIZES = (3, 5, 7)
 """The kernel sizes the report compiles for: register pressure grows with the taps (K=7 spills
 where K=3 does not), so pruning by the report uses the records of the nearest kernel size."""
+PROBLEM = dict(batch=32, channels_in=64, channels_out=64, height=56, width=56, kernel_size=3, num_atoms=6,
+               stride=1, padding=1, dilation=1, groups=1)
+KERNELS = ("atom_conv2d_fwd", "atom_conv2d_bwd_input", "atom_conv2d_bwd_coeff", "atom_conv2d_bwd_coeff_bases",
+           "atom_conv2d_bwd_weight")
+WEIGHT_GRAD_PROGRAMS = 2 * 132
+"""The dα kernel's program target on an H100 SXM (two per SM, as the launcher aims for on a GPU)."""
 
 
-@dataclass(frozen=True)
-class Variant:
-    """One kernel compiled with one config for one dtype and problem: its argument values by
-    name (tensors may be empty CPU tensors, only dtype, strides and alignment matter) and the
-    launch options."""
-
-    kernel: str
-    fn: triton.runtime.JITFunction
-    dtype: torch.dtype
-    config: configs.ForwardConfig
-    kernel_size: int
-    args: dict[str, object]
-    num_warps: int
-    num_stages: int
+def problem_at(kernel_size: int) -> dict:
+    """PROBLEM at one kernel size, with "same" padding."""
+    return PROBLEM | {"kernel_size": kernel_size, "padding": kernel_size // 2}
 
 
-def perf_problem(dtype: torch.dtype, kernel_size: int):
-    """The project's performance shape at one kernel size K: N=32, C_in=C_out=64, 56x56, M=6,
-    L = 6 * (K // 2), padding K // 2, bias, contiguous NCHW. Returns x, atom_coeff, bases,
-    weight, bias, y (or dy), geometry; the tensors are empty (on the meta device: nothing is
-    allocated)."""
-    geo = Problem(batch=32, channels=64, size=56, kernel_size=kernel_size, num_atoms=6, dtype=dtype).geometry()
-    (h, w), (kh, kw), m, num_bases = geo.in_size, geo.kernel_size, geo.num_atoms, geo.num_bases
+def problem_tensors(problem: dict, dtype: torch.dtype):
+    """Empty meta tensors (nothing is allocated) of a problem: x, atom_coeff, bases, weight, bias,
+    y (or dy) contiguous NCHW, L = BASES_PER_SCALE * (K // 2), and the call's geometry."""
+    p, k = problem, problem["kernel_size"]
+    num_bases = BASES_PER_SCALE * (k // 2)
     make = functools.partial(torch.empty, dtype=dtype, device="meta")
-    return (make(geo.batch, geo.in_channels, h, w), make(geo.batch, m * num_bases, *geo.out_size),
-            make(num_bases, kh, kw), make(geo.out_channels, geo.in_channels, m), make(geo.out_channels),
-            make(geo.batch, geo.out_channels, *geo.out_size), geo)
+    x = make(p["batch"], p["channels_in"], p["height"], p["width"])
+    bases = make(num_bases, k, k)
+    weight = make(p["channels_out"], p["channels_in"] // p["groups"], p["num_atoms"])
+    bias = make(p["channels_out"])
+    h_out, w_out = ((size + 2 * p["padding"] - p["dilation"] * (k - 1) - 1) // p["stride"] + 1
+                    for size in (p["height"], p["width"]))
+    atom_coeff = make(p["batch"], p["num_atoms"] * num_bases, h_out, w_out)
+    geo = validate_atom_conv2d(x, atom_coeff, bases, weight, bias, p["stride"], p["padding"], p["dilation"], p["groups"])
+    return x, atom_coeff, bases, weight, bias, make(p["batch"], p["channels_out"], h_out, w_out), geo
 
 
-def forward_variants(dtype: torch.dtype, kernel_size: int) -> Iterator[Variant]:
-    """The fused forward on the performance shape, every candidate config."""
-    x, atom_coeff, bases, weight, bias, y, geo = perf_problem(dtype, kernel_size)
-    for config in configs.all_forward_candidates():
-        launch = configs.fit_forward_config(config, geo)
-        args = forward.forward_kernel_args(x, atom_coeff, bases, weight, bias, y, geo, launch)
-        yield Variant("atom_conv2d_fwd", forward.atom_conv2d_fwd_kernel, dtype, config, kernel_size, args,
-                      launch.num_warps, launch.num_stages)
-
-
-def coeff_grad_variants(dtype: torch.dtype, kernel_size: int, bases_grad: bool) -> Iterator[Variant]:
-    """The dβ kernel (and dΨ with bases_grad) on the performance shape, every candidate config."""
-    x, atom_coeff, bases, weight, _, dy, geo = perf_problem(dtype, kernel_size)
-    dbases = torch.empty(1, *bases.shape, dtype=torch.float32, device="meta") if bases_grad else None
-    for config in configs.coeff_grad_candidates():
-        launch = configs.fit_forward_config(config, geo)
-        args = backward.coeff_grad_kernel_args(x, atom_coeff, bases, weight, dy, atom_coeff, dbases, geo, launch)
-        yield Variant("atom_conv2d_bwd_coeff_bases" if bases_grad else "atom_conv2d_bwd_coeff",
-                      backward.atom_conv2d_bwd_coeff_kernel, dtype, config, kernel_size, args, launch.num_warps,
-                      launch.num_stages)
-
-
-def weight_grad_variants(dtype: torch.dtype, kernel_size: int) -> Iterator[Variant]:
-    """The dα kernel on the performance shape, every candidate config (132 SMs' worth of splits)."""
-    x, atom_coeff, bases, weight, _, dy, geo = perf_problem(dtype, kernel_size)
-    for config in configs.weight_grad_candidates():
-        launch = configs.fit_forward_config(config, geo)
-        partials = torch.empty(configs.weight_grad_splits(geo, launch, 2 * 132), 1, dtype=torch.float32,
+def kernel_launch(kernel: str, problem: dict, dtype: torch.dtype, config: configs.TileConfig) -> launch.Launch:
+    """The launch `kernel` makes on `problem` with `config`, built by its launcher's own code."""
+    x, atom_coeff, bases, weight, bias, y, geo = problem_tensors(problem, dtype)
+    if kernel == "atom_conv2d_bwd_input":
+        return backward.input_grad_launch(atom_coeff, bases, weight, y, x, geo,
+                                          configs.fit_tile_config(config, geo, transposed=True))
+    fitted = configs.fit_tile_config(config, geo)
+    if kernel == "atom_conv2d_fwd":
+        return forward.forward_launch(x, atom_coeff, bases, weight, bias, y, geo, fitted)
+    if kernel in ("atom_conv2d_bwd_coeff", "atom_conv2d_bwd_coeff_bases"):
+        programs = geo.batch * triton.cdiv(geo.out_size[0] * geo.out_size[1], fitted.BLOCK_P)
+        dbases = torch.empty(programs, geo.num_bases, geo.kernel_size[0] * geo.kernel_size[1], device="meta")
+        return backward.coeff_grad_launch(x, atom_coeff, bases, weight, y, atom_coeff, 
+                                          dbases if kernel.endswith("bases") else None, geo, fitted)
+    if kernel == "atom_conv2d_bwd_weight":
+        splits = configs.weight_grad_splits(geo, fitted, WEIGHT_GRAD_PROGRAMS)
+        partials = torch.empty(splits, geo.out_channels, triton.cdiv(geo.in_channels // geo.groups, fitted.BLOCK_C),
+                               fitted.ATOMS_PER_DOT * triton.cdiv(geo.num_atoms, fitted.ATOMS_PER_DOT), fitted.BLOCK_C,
                                device="meta")
-        args = backward.weight_grad_kernel_args(x, atom_coeff, bases, dy, partials, geo, launch)
-        yield Variant("atom_conv2d_bwd_weight", backward.atom_conv2d_bwd_weight_kernel, dtype, config, kernel_size,
-                      args, launch.num_warps, launch.num_stages)
+        return backward.weight_grad_launch(x, atom_coeff, bases, y, partials, geo, fitted)
+    raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
 
-def input_grad_variants(dtype: torch.dtype, kernel_size: int) -> Iterator[Variant]:
-    """The dx kernel on the performance shape, every candidate config."""
-    x, atom_coeff, bases, weight, _, dy, geo = perf_problem(dtype, kernel_size)
-    for config in configs.input_grad_candidates():
-        launch = configs.fit_forward_config(config, backward.transposed_geometry(geo))
-        args = backward.input_grad_kernel_args(atom_coeff, bases, weight, dy, x, geo, launch)
-        yield Variant("atom_conv2d_bwd_input", backward.atom_conv2d_bwd_input_kernel, dtype, config, kernel_size,
-                      args, launch.num_warps, launch.num_stages)
+def kernel_launches(problem: dict, direction: str, dtype: torch.dtype, arch: str) -> list[launch.Launch]:
+    """Every Triton launch of one forward or one backward (`direction`) of `problem` (a dict as
+    PROBLEM), as the launchers make them with the default config of (dtype, arch), which they
+    use where no tuning data exists. The backward is `AtomConv2d`'s: dx, dβ and dα (its bases are
+    a buffer, so no dΨ). Besides these launches the launchers run torch ops the model cannot see:
+    `pack_weight` (a copy of α, a few KB), the sum of dα's partials (splits x |α| floats) and d
+    bias (a sum over dy, |y| bytes read)."""
+    config = configs.default_config(dtype, arch)
+    kernels = {"forward": ("atom_conv2d_fwd",),
+               "backward": ("atom_conv2d_bwd_input", "atom_conv2d_bwd_coeff", "atom_conv2d_bwd_weight")}
+    if direction not in kernels:
+        raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
+    return [kernel_launch(kernel, problem, dtype, config) for kernel in kernels[direction]]
 
 
-KERNELS: dict[str, Callable[[torch.dtype, int], Iterator[Variant]]] = {
-    "atom_conv2d_fwd": forward_variants,
-    "atom_conv2d_bwd_coeff": functools.partial(coeff_grad_variants, bases_grad=False),
-    "atom_conv2d_bwd_coeff_bases": functools.partial(coeff_grad_variants, bases_grad=True),
-    "atom_conv2d_bwd_weight": weight_grad_variants,
-    "atom_conv2d_bwd_input": input_grad_variants,
-}
-DEFAULTS: dict[str, dict] = {
-    "atom_conv2d_fwd": configs.DEFAULT_FORWARD,
-    "atom_conv2d_bwd_coeff": configs.DEFAULT_COEFF_GRAD,
-    "atom_conv2d_bwd_coeff_bases": configs.DEFAULT_COEFF_BASES_GRAD,
-    "atom_conv2d_bwd_weight": configs.DEFAULT_WEIGHT_GRAD,
-    "atom_conv2d_bwd_input": configs.DEFAULT_INPUT_GRAD,
-}
-
-
-def _ast_source(variant: Variant, target: GPUTarget) -> ASTSource:
+def ast_source(run: launch.Launch, target: GPUTarget) -> ASTSource:
     """The source Triton's runtime would compile for these arguments: its own binder gives the
     signature and specialisation, its own packing turns them into constexprs and attrs."""
     backend = make_backend(target)
-    binder = create_function_from_signature(variant.fn.signature, variant.fn.params, backend)
-    bound_args, specialization, options = binder(**variant.args)
-    _, signature, constexprs, attrs = variant.fn._pack_args(backend, {}, bound_args, specialization, options)
-    return ASTSource(variant.fn, signature, constexprs, attrs)
+    binder = create_function_from_signature(run.fn.signature, run.fn.params, backend)
+    bound_args, specialization, options = binder(**run.args)
+    _, signature, constexprs, attrs = run.fn._pack_args(backend, {}, bound_args, specialization, options)
+    return ASTSource(run.fn, signature, constexprs, attrs)
 
 
-def _cuobjdump(*args: str) -> str:
+def cuobjdump(*args: str) -> str:
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     return subprocess.run([str(tool), *args], check=True, capture_output=True, text=True).stdout
 
 
-def compile_variant(variant: Variant, arch: str) -> dict:
-    """Compile one variant for one arch and measure it: the report's record."""
+def compile_launch(run: launch.Launch, arch: str) -> dict:
+    """Compile one launch for one arch: {"sass", "registers", "spill_bytes", "shared_bytes"}."""
     target = GPUTarget("cuda", ARCH_NUMBERS[arch], 32)
-    compiled = triton.compile(_ast_source(variant, target), target=target,
-                              options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})
+    compiled = triton.compile(ast_source(run, target), target=target,
+                              options={"num_warps": run.num_warps, "num_stages": run.num_stages})
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        registers, stack = map(int, RESOURCE_RE.search(_cuobjdump("--dump-resource-usage", str(cubin))).groups())
-        mma = len(MMA_OPCODES.findall(_cuobjdump("-sass", str(cubin))))
+        registers, stack = map(int, RESOURCE_RE.search(cuobjdump("--dump-resource-usage", str(cubin))).groups())
+        sass = cuobjdump("-sass", str(cubin))
+    return {"sass": sass, "registers": registers, "spill_bytes": stack, "shared_bytes": compiled.metadata.shared}
+
+
+def record(kernel: str, arch: str, dtype: torch.dtype, config: configs.TileConfig, kernel_size: int) -> dict:
+    """The report's record of one variant (SPEC §4, plus the Triton version and kernel size)."""
+    compiled = compile_launch(kernel_launch(kernel, problem_at(kernel_size), dtype, config), arch)
     return {
-        "kernel": variant.kernel,
-        "arch": arch,
-        "dtype": str(variant.dtype).removeprefix("torch."),
-        "config": variant.config.as_dict(),
-        "default": DEFAULTS[variant.kernel][variant.dtype, arch] == variant.config,
-        "shared_bytes": compiled.metadata.shared,
-        "registers": registers,
-        "spill_bytes": stack,
-        "mma": mma,
-        "triton": triton.__version__,
-        "kernel_size": variant.kernel_size,
+        "kernel": kernel, "arch": arch, "dtype": str(dtype).removeprefix("torch."), "config": config.as_dict(),
+        "default": config == configs.default_config(dtype, arch), "shared_bytes": compiled["shared_bytes"],
+        "registers": compiled["registers"], "spill_bytes": compiled["spill_bytes"],
+        "mma": len(MMA_OPCODES.findall(compiled["sass"])), "triton": triton.__version__, "kernel_size": kernel_size,
     }
 
 
 def build_report(archs=configs.ARCHS, dtypes=configs.KERNEL_DTYPES, kernel_sizes=KERNEL_SIZES,
                  defaults_only: bool = False) -> list[dict]:
     """Records for every kernel x candidate config x dtype x kernel size x arch (only the
-    defaults if asked)."""
+    defaults if asked); a progress line per kernel, dtype and kernel size on stderr."""
     if launch.INTERPRETING:
         raise RuntimeError("the static report compiles for GPUs: run it without TRITON_INTERPRET=1")
     records = []
-    for kernel, variants in KERNELS.items():
+    for kernel in KERNELS:
         for dtype in dtypes:
             for kernel_size in kernel_sizes:
                 print(f"static report: compiling {kernel} {str(dtype).removeprefix('torch.')} K={kernel_size} for "
                       f"{', '.join(archs)} ({len(records)} variants so far)", file=sys.stderr, flush=True)
-                for variant in variants(dtype, kernel_size):
+                for config in configs.tile_candidates():
                     for arch in archs:
-                        if defaults_only and DEFAULTS[kernel][dtype, arch] != variant.config:
-                            continue
-                        records.append(compile_variant(variant, arch))
+                        if not defaults_only or config == configs.default_config(dtype, arch):
+                            records.append(record(kernel, arch, dtype, config, kernel_size))
     return records
 
 
@@ -212,9 +195,20 @@ def format_table(records: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path, help="write the records to this file")
+    parser.add_argument("--json", type=Path, help="write the records (or the estimate) to this file")
     parser.add_argument("--defaults-only", action="store_true", help="compile only the default configs")
+    parser.add_argument("--estimate", action="store_true",
+                        help="warp-instructions per pixel and bounds of each launch of a forward and a backward")
+    parser.add_argument("--k", type=int, nargs="+", default=[3, 7], help="kernel sizes of --estimate")
     args = parser.parse_args(argv)
+    if args.estimate:
+        from .sass_estimate import estimate_problem, format_estimates
+
+        estimates = [row for k in args.k for row in estimate_problem(problem_at(k), torch.float16)]
+        if args.json:
+            args.json.write_text(json.dumps(estimates, indent=1))
+        print(format_estimates(estimates))
+        return 0
     records = build_report(defaults_only=args.defaults_only)
     if args.json:
         args.json.write_text(json.dumps(records, indent=1))

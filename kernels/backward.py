@@ -65,7 +65,7 @@ from .configs import (TileConfig, TileLaunch, arch_of, fit_tile_config, tile_can
 from .forward import forward_footprint, pack_weight
 from .launch import INTERPRETING, Launch, check_runnable, dot_precision, needs_wide_offsets, strides
 from .tiles import (add_at, atom_l1_bound, atom_times_features, coefficient_sum, dot_operand, offset, pixel_atoms,
-                    pixel_tile, pow2_scale, scaled_atoms, scaled_to_unit_l1)
+                    pixel_tile, pow2_scale, tile_rows, scaled_atoms, scaled_to_unit_l1)
 
 
 @triton.jit
@@ -108,37 +108,37 @@ def atom_conv2d_bwd_coeff_kernel(
         for chunk in range(num_chunks):
             c = chunk * BLOCK_C + chan
             chan_mask = c < C_in_g
-            # dZ[m] [BLOCK_C, BLOCK_P] = α_mᵀ @ dy over the group's output channels.
-            dz = (tl.zeros([BLOCK_C, BLOCK_P], tl.float32),) * M
+            # dZᵀ[m] [BLOCK_P, BLOCK_C] = dyᵀ @ α_m over the group's output channels (pixels as the
+            # dot's rows: BLOCK_C may be 8, below a tensor-core tile's 16 rows).
+            dz = (tl.zeros([BLOCK_P, BLOCK_C], tl.float32),) * M
             for o0 in range(0, C_out_g, BLOCK_O):
                 o = o0 + out_chan
                 o_mask = o < C_out_g
                 dy = tl.load(dy_ptr + offset(group * C_out_g + o, stride_dy_c, WIDE)[:, None] + dy_pix[None, :],
                              mask=o_mask[:, None] & pix_mask[None, :], other=0.0)
-                w_t = w_ptr + ((group * C_out_g + o) * w_row)[None, :] + (chunk * M_DOT * BLOCK_C + chan)[:, None]
+                w_t = w_ptr + ((group * C_out_g + o) * w_row)[:, None] + (chunk * M_DOT * BLOCK_C + chan)[None, :]
                 for m in tl.static_range(M):
-                    alpha_t = tl.load(w_t + m * BLOCK_C, mask=o_mask[None, :], other=0.0)  # [BLOCK_C, BLOCK_O]
-                    dz = add_at(dz, m, tl.dot(dot_operand(alpha_t, dtype, INTERPRETED), dot_operand(dy, dtype, INTERPRETED),
+                    alpha = tl.load(w_t + m * BLOCK_C, mask=o_mask[:, None], other=0.0)  # [BLOCK_O, BLOCK_C]
+                    dz = add_at(dz, m, tl.dot(dot_operand(tl.trans(dy), dtype, INTERPRETED), dot_operand(alpha, dtype, INTERPRETED),
                                               input_precision=DOT_PRECISION))
-            # Padding lanes of dZ are exactly zero: an Inf tap there must not make NaN. (Once per
-            # chunk, this also moves dZ out of the dot's layout, instead of every tap into it.)
+            # Padding lanes of dZ are exactly zero: an Inf tap there must not make NaN.
             valid = chan_mask[:, None] & pix_mask[None, :]
-            masked_dz = ()
+            dz_rows = ()  # dz_rows[m][k] [BLOCK_P]: dZ[m] of channel k of the chunk
             for m in tl.static_range(M):
-                masked_dz = masked_dz + (tl.where(valid, dz[m], 0.0),)
-            dz = masked_dz
-            x_chunk = x_ptr + offset(group * C_in_g + c, stride_x_c, WIDE)[:, None] + x_pix[None, :]
-            for i in tl.static_range(KH):
-                ih = oh * SH - PH + i * DH
-                row_ok = pix_mask & (ih >= 0) & (ih < H)
-                for j in tl.static_range(KW):
-                    iw = ow * SW - PW + j * DW
-                    tap_ok = row_ok & (iw >= 0) & (iw < W)
-                    x_tap = tl.load(x_chunk + offset(i * DH - PH, stride_x_h, WIDE) + offset(j * DW - PW, stride_x_w, WIDE),
-                                    mask=chan_mask[:, None] & tap_ok[None, :], other=0.0).to(tl.float32)
-                    for m in tl.static_range(M):
-                        # Padding channels load 0 but their dZ is 0 too: an Inf tap cannot reach them.
-                        d_atoms = add_at(d_atoms, (i * KW + j) * M + m, tl.sum(dz[m] * x_tap, axis=0))
+                dz_rows = dz_rows + (tile_rows(tl.where(valid, tl.trans(dz[m]), 0.0), BLOCK_C, BLOCK_P),)
+            for k in tl.static_range(BLOCK_C):
+                x_chan = x_ptr + offset(group * C_in_g + chunk * BLOCK_C + k, stride_x_c, WIDE) + x_pix
+                # (compared as a [BLOCK_P] vector: the interpreter's bool scalar & vector is int32)
+                chan_ok = pix_mask & (tl.full([BLOCK_P], chunk * BLOCK_C + k, tl.int32) < C_in_g)
+                for i in tl.static_range(KH):
+                    ih = oh * SH - PH + i * DH
+                    row_ok = chan_ok & (ih >= 0) & (ih < H)
+                    for j in tl.static_range(KW):
+                        iw = ow * SW - PW + j * DW
+                        x_tap = tl.load(x_chan + offset(i * DH - PH, stride_x_h, WIDE) + offset(j * DW - PW, stride_x_w, WIDE),
+                                        mask=row_ok & (iw >= 0) & (iw < W), other=0.0).to(tl.float32)
+                        for m in tl.static_range(M):
+                            d_atoms = add_at(d_atoms, (i * KW + j) * M + m, dz_rows[m][k] * x_tap)
 
     coeff_pix = offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE)
     dcoeff_pix = offset(oh, stride_dcoeff_h, WIDE) + offset(ow, stride_dcoeff_w, WIDE)

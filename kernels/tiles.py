@@ -50,6 +50,25 @@ def pixel_tile(pid_p, H_out, W_out, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
+def tile_rows(t, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """t [ROWS, COLS] (ROWS a power of two, its rows in one thread) as the tuple of its ROWS rows
+    [COLS], by halving: a sum over the rows is then a chain of multiply-adds, where `tl.sum`
+    over a tile's rows costs a multiply and an add per row."""
+    rows = (tl.permute(t, (1, 0)),)
+    for level in tl.static_range(ROWS.bit_length()):
+        if len(rows) < ROWS:
+            halves = ()
+            for r in tl.static_range(len(rows)):
+                if 2 * len(rows) == ROWS:
+                    low, high = tl.split(rows[r])
+                else:
+                    low, high = tl.split(tl.permute(tl.reshape(rows[r], [COLS, 2, ROWS // len(rows) // 2]), (0, 2, 1)))
+                halves = halves + (low, high)
+            rows = halves
+    return rows
+
+
+@triton.jit
 def add_at(values, i: tl.constexpr, term):
     """The tuple `values` with values[i] += term."""
     return values[:i] + (values[i] + term,) + values[i + 1:]

@@ -63,9 +63,10 @@ from . import launch as launching
 from .configs import (TileConfig, TileLaunch, arch_of, fit_tile_config, tile_candidates, default_config,
                       tuned_config, weight_grad_splits)
 from .forward import forward_footprint, pack_weight
-from .launch import INTERPRETING, Launch, check_runnable, dot_precision, needs_wide_offsets, strides
-from .tiles import (add_at, atom_l1_bound, atom_times_features, coefficient_sum, dot_operand, offset, pixel_atoms,
-                    pixel_tile, pow2_scale, tile_rows, scaled_atoms, scaled_to_unit_l1)
+from .launch import INTERPRETING, Launch, check_runnable, dot_precision, flat_pixels, needs_wide_offsets, strides
+from .tiles import (add_at, atom_l1_bound, atom_times_features, coefficient_sum, column_tap, dot_operand, offset,
+                    pixel_atoms, pixel_offset, pixel_sum, pixel_tile, pow2_scale, scaled_atoms, scaled_to_unit_l1,
+                    tap_geometry, tile_rows, to_columns)
 
 
 @triton.jit
@@ -79,8 +80,9 @@ def atom_conv2d_bwd_coeff_kernel(
     stride_dy_n, stride_dy_c, stride_dy_h, stride_dy_w,
     stride_dcoeff_n, stride_dcoeff_c, stride_dcoeff_h, stride_dcoeff_w,
     M: tl.constexpr, L: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, M_DOT: tl.constexpr,
-    BASES_GRAD: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_P: tl.constexpr, TAP_GROUPS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+    M_DOT: tl.constexpr, BASES_GRAD: tl.constexpr, FLAT_DY: tl.constexpr, WIDE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """x [N, C_in, H, W], β (coeff) [N, M*L, H_out, W_out], Ψ (bases) [L, KH, KW], α (w) packed
     like the forward's (`pack_weight`, M_DOT atoms per chunk), dy [N, C_out, H_out, W_out] ->
@@ -89,28 +91,33 @@ def atom_conv2d_bwd_coeff_kernel(
 
     1-D grid of N * cdiv(H_out*W_out, BLOCK_P) programs; each loops over the channel chunks of
     every group, since dβ sums over all of them. BLOCK_O output channels per step of dZ's dot.
+    With TAP_GROUPS > 1 each column (one pixel's group of taps) has the dZ of its pixel.
     """
     TAPS: tl.constexpr = KH * KW
+    PER_GROUP: tl.constexpr = (TAPS + TAP_GROUPS - 1) // TAP_GROUPS
+    COLUMNS: tl.constexpr = TAP_GROUPS * BLOCK_P
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
-    n, oh, ow, pix_mask = pixel_tile(pid, H_out, W_out, BLOCK_P)
+    n, pix, oh, ow, pix_mask = pixel_tile(pid, H_out, W_out, BLOCK_P, TAP_GROUPS)  # per column
     x_ptr += n * stride_x_n
     dy_ptr += n * stride_dy_n
-    dy_pix = offset(oh, stride_dy_h, WIDE) + offset(ow, stride_dy_w, WIDE)
+    dy_pix = pixel_offset(pix, oh, ow, stride_dy_h, stride_dy_w, FLAT_DY, WIDE)
     x_pix = offset(oh * SH, stride_x_h, WIDE) + offset(ow * SW, stride_x_w, WIDE)
+    row_offsets, column_offsets, tap_masks = tap_geometry(oh, ow, pix_mask, H, W, SH, SW, PH, PW, DH, DW, stride_x_h,
+                                                          stride_x_w, KH, KW, TAP_GROUPS, BLOCK_P, WIDE)
 
     num_chunks = tl.cdiv(C_in_g, BLOCK_C)
     w_row = num_chunks * M_DOT * BLOCK_C  # length of a packed α row
     chan = tl.arange(0, BLOCK_C)
     out_chan = tl.arange(0, BLOCK_O)
-    d_atoms = (tl.zeros([BLOCK_P], tl.float32),) * (TAPS * M)
+    d_atoms = (tl.zeros([COLUMNS], tl.float32),) * (PER_GROUP * M)  # entry k*M + m: dA[m, the column's tap k]
     for group in range(G):
         for chunk in range(num_chunks):
             c = chunk * BLOCK_C + chan
             chan_mask = c < C_in_g
-            # dZᵀ[m] [BLOCK_P, BLOCK_C] = dyᵀ @ α_m over the group's output channels (pixels as the
+            # dZᵀ[m] [COLUMNS, BLOCK_C] = dyᵀ @ α_m over the group's output channels (pixels as the
             # dot's rows: BLOCK_C may be 8, below a tensor-core tile's 16 rows).
-            dz = (tl.zeros([BLOCK_P, BLOCK_C], tl.float32),) * M
+            dz = (tl.zeros([COLUMNS, BLOCK_C], tl.float32),) * M
             for o0 in range(0, C_out_g, BLOCK_O):
                 o = o0 + out_chan
                 o_mask = o < C_out_g
@@ -119,50 +126,60 @@ def atom_conv2d_bwd_coeff_kernel(
                 w_t = w_ptr + ((group * C_out_g + o) * w_row)[:, None] + (chunk * M_DOT * BLOCK_C + chan)[None, :]
                 for m in tl.static_range(M):
                     alpha = tl.load(w_t + m * BLOCK_C, mask=o_mask[:, None], other=0.0)  # [BLOCK_O, BLOCK_C]
-                    dz = add_at(dz, m, tl.dot(dot_operand(tl.trans(dy), dtype, INTERPRETED), dot_operand(alpha, dtype, INTERPRETED),
-                                              input_precision=DOT_PRECISION))
+                    dz = add_at(dz, m, tl.dot(dot_operand(tl.trans(dy), dtype, INTERPRETED),
+                                              dot_operand(alpha, dtype, INTERPRETED), input_precision=DOT_PRECISION))
             # Padding lanes of dZ are exactly zero: an Inf tap there must not make NaN.
             valid = chan_mask[:, None] & pix_mask[None, :]
-            dz_rows = ()  # dz_rows[m][k] [BLOCK_P]: dZ[m] of channel k of the chunk
+            dz_rows = ()  # dz_rows[m][k] [COLUMNS]: dZ[m] of channel k of the chunk
             for m in tl.static_range(M):
-                dz_rows = dz_rows + (tile_rows(tl.where(valid, tl.trans(dz[m]), 0.0), BLOCK_C, BLOCK_P),)
+                dz_rows = dz_rows + (tile_rows(tl.where(valid, tl.trans(dz[m]), 0.0), BLOCK_C, COLUMNS),)
             for k in tl.static_range(BLOCK_C):
                 x_chan = x_ptr + offset(group * C_in_g + chunk * BLOCK_C + k, stride_x_c, WIDE) + x_pix
-                # (compared as a [BLOCK_P] vector: the interpreter's bool scalar & vector is int32)
-                chan_ok = pix_mask & (tl.full([BLOCK_P], chunk * BLOCK_C + k, tl.int32) < C_in_g)
-                for i in tl.static_range(KH):
-                    ih = oh * SH - PH + i * DH
-                    row_ok = chan_ok & (ih >= 0) & (ih < H)
-                    for j in tl.static_range(KW):
-                        iw = ow * SW - PW + j * DW
-                        x_tap = tl.load(x_chan + offset(i * DH - PH, stride_x_h, WIDE) + offset(j * DW - PW, stride_x_w, WIDE),
-                                        mask=row_ok & (iw >= 0) & (iw < W), other=0.0).to(tl.float32)
-                        for m in tl.static_range(M):
-                            d_atoms = add_at(d_atoms, (i * KW + j) * M + m, dz_rows[m][k] * x_tap)
+                # (compared as a vector: the interpreter's bool scalar & vector is int32)
+                chan_ok = tl.full([COLUMNS], chunk * BLOCK_C + k, tl.int32) < C_in_g
+                for t in tl.static_range(PER_GROUP):
+                    x_tap = tl.load(x_chan + row_offsets[t] + column_offsets[t], mask=chan_ok & tap_masks[t],
+                                    other=0.0).to(tl.float32)
+                    for m in tl.static_range(M):
+                        d_atoms = add_at(d_atoms, t * M + m, dz_rows[m][k] * x_tap)
 
-    coeff_pix = offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE)
-    dcoeff_pix = offset(oh, stride_dcoeff_h, WIDE) + offset(ow, stride_dcoeff_w, WIDE)
+    # dβ[m*L + l] = Σ_taps dA[m, tap] · Ψ[l, tap]: over each column's taps, then a pixel's columns.
+    _, out_pix, out_h, out_w, out_mask = pixel_tile(pid, H_out, W_out, BLOCK_P, 1)  # per pixel
+    dcoeff_pix = offset(out_h, stride_dcoeff_h, WIDE) + offset(out_w, stride_dcoeff_w, WIDE)
     for m in tl.static_range(M):
         for l in tl.static_range(L):
-            d_beta = tl.zeros([BLOCK_P], tl.float32)
-            for t in tl.static_range(TAPS):
-                psi = tl.load(bases_ptr + l * stride_bases_l + (t // KW) * stride_bases_h
-                              + (t % KW) * stride_bases_w).to(tl.float32)
-                d_beta += d_atoms[t * M + m] * psi
+            d_beta = tl.zeros([COLUMNS], tl.float32)
+            for k in tl.static_range(PER_GROUP):
+                t, exists = column_tap(k, TAPS, TAP_GROUPS, BLOCK_P)
+                psi_ptr = bases_ptr + l * stride_bases_l + (t // KW) * stride_bases_h + (t % KW) * stride_bases_w
+                if TAP_GROUPS == 1:
+                    psi = tl.load(psi_ptr).to(tl.float32)
+                else:
+                    psi = tl.load(psi_ptr, mask=exists, other=0.0).to(tl.float32)
+                d_beta += d_atoms[k * M + m] * psi
             tl.store(dcoeff_ptr + n * stride_dcoeff_n + offset(m * L + l, stride_dcoeff_c, WIDE) + dcoeff_pix,
-                     d_beta.to(dcoeff_ptr.dtype.element_ty), mask=pix_mask)
+                     pixel_sum(d_beta, TAP_GROUPS, BLOCK_P).to(dcoeff_ptr.dtype.element_ty), mask=out_mask)
     if BASES_GRAD:
+        # dΨ[l, tap] partial = Σ over the tile's pixels and the atoms of β[m*L + l] · dA[m, tap].
         coeff_ptr += n * stride_coeff_n
+        coeff_pix = offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE)
+        partials = dbases_ptr + pid.to(tl.int64) * (L * TAPS)
         for l in tl.static_range(L):
-            for t in tl.static_range(TAPS):
-                per_pixel = tl.zeros([BLOCK_P], tl.float32)
+            for k in tl.static_range(PER_GROUP):
+                per_column = tl.zeros([COLUMNS], tl.float32)
                 for m in tl.static_range(M):
                     beta = tl.load(coeff_ptr + offset(m * L + l, stride_coeff_c, WIDE) + coeff_pix, mask=pix_mask,
                                    other=0.0).to(tl.float32)
-                    per_pixel += beta * d_atoms[t * M + m]
+                    per_column += beta * d_atoms[k * M + m]
                 # Pixels past the end have zero dA, but an Inf in β there must not meet it.
-                tl.store(dbases_ptr + pid.to(tl.int64) * (L * TAPS) + l * TAPS + t,
-                         tl.sum(tl.where(pix_mask, per_pixel, 0.0), axis=0))
+                per_column = tl.where(pix_mask, per_column, 0.0)
+                if TAP_GROUPS == 1:
+                    tl.store(partials + l * TAPS + k, tl.sum(per_column, axis=0))
+                else:
+                    # One sum per tap group: the k-th taps of the groups are different taps.
+                    group_tap = tl.arange(0, TAP_GROUPS) * PER_GROUP + k
+                    tl.store(partials + l * TAPS + group_tap,
+                             tl.sum(tl.reshape(per_column, [TAP_GROUPS, BLOCK_P]), axis=1), mask=group_tap < TAPS)
 
 
 @triton.jit
@@ -176,8 +193,9 @@ def atom_conv2d_bwd_weight_kernel(
     stride_dy_n, stride_dy_c, stride_dy_h, stride_dy_w,
     SPLITS,
     M: tl.constexpr, L: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, M_DOT: tl.constexpr,
-    WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_P: tl.constexpr, TAP_GROUPS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+    M_DOT: tl.constexpr, FLAT_DY: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     """x [N, C_in, H, W], β (coeff) [N, M*L, H_out, W_out], Ψ (bases) [L, KH, KW],
     dy [N, C_out, H_out, W_out], any strides -> dα partials (dw) [SPLITS, C_out,
@@ -189,6 +207,8 @@ def atom_conv2d_bwd_weight_kernel(
     programs of one split are neighbours, so they read the same pixels from L2.
     """
     dtype: tl.constexpr = x_ptr.dtype.element_ty
+    PER_GROUP: tl.constexpr = (KH * KW + TAP_GROUPS - 1) // TAP_GROUPS
+    COLUMNS: tl.constexpr = TAP_GROUPS * BLOCK_P
     num_o_tiles = tl.cdiv(C_out_g, BLOCK_O)
     num_chunks = tl.cdiv(C_in_g, BLOCK_C)
     pid = tl.program_id(0)
@@ -202,28 +222,31 @@ def atom_conv2d_bwd_weight_kernel(
     chan_mask = c < C_in_g
     dw = (tl.zeros([BLOCK_O, BLOCK_C], tl.float32),) * M
     for pixel_tile_id in range(split, N * tl.cdiv(H_out * W_out, BLOCK_P), SPLITS):
-        n, oh, ow, pix_mask = pixel_tile(pixel_tile_id, H_out, W_out, BLOCK_P)
+        n, pix, oh, ow, pix_mask = pixel_tile(pixel_tile_id, H_out, W_out, BLOCK_P, TAP_GROUPS)  # per column
         atoms = pixel_atoms(coeff_ptr + n * stride_coeff_n, offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE),
                             pix_mask, stride_coeff_c, bases_ptr, stride_bases_l, stride_bases_h, stride_bases_w, M, L,
-                            KH, KW, BLOCK_P, WIDE)
+                            KH, KW, TAP_GROUPS, BLOCK_P, WIDE)
         if dtype == tl.float16:
             # The dot sums over pixels: one power of two for the tile, from its largest atom norm.
-            tile_scale, inverse_scale = pow2_scale(tl.max(atom_l1_bound(atoms, M, KH * KW, BLOCK_P), axis=0))
-            atoms = scaled_atoms(atoms, tile_scale, KH * KW * M)
+            tile_scale, inverse_scale = pow2_scale(tl.max(atom_l1_bound(atoms, M, PER_GROUP, TAP_GROUPS, BLOCK_P), axis=0))
+            atoms = scaled_atoms(atoms, tile_scale, PER_GROUP * M)
+        taps = tap_geometry(oh, ow, pix_mask, H, W, SH, SW, PH, PW, DH, DW, stride_x_h, stride_x_w, KH, KW,
+                            TAP_GROUPS, BLOCK_P, WIDE)
         x_pix = offset(oh * SH, stride_x_h, WIDE) + offset(ow * SW, stride_x_w, WIDE)
         z = atom_times_features(x_ptr + n * stride_x_n + offset(group * C_in_g + c, stride_x_c, WIDE)[:, None]
-                                + x_pix[None, :], chan_mask, oh, ow, pix_mask, H, W, SH, SW, PH, PW, DH, DW,
-                                stride_x_h, stride_x_w, atoms, M, KH, KW, BLOCK_C, BLOCK_P, WIDE)
+                                + x_pix[None, :], chan_mask, taps, atoms, M, PER_GROUP, BLOCK_C, COLUMNS)
+        # dy of each column's pixel: the dot then sums the tap groups' partial Z along with the pixels.
         dy = tl.load(dy_ptr + n * stride_dy_n + offset(group * C_out_g + o, stride_dy_c, WIDE)[:, None]
-                     + (offset(oh, stride_dy_h, WIDE) + offset(ow, stride_dy_w, WIDE))[None, :],
+                     + pixel_offset(pix, oh, ow, stride_dy_h, stride_dy_w, FLAT_DY, WIDE)[None, :],
                      mask=o_mask[:, None] & pix_mask[None, :], other=0.0)
         for m in tl.static_range(M):
             # Pixels past the end: dy is 0 there, but Z may be NaN (masked β times an Inf in Ψ).
             z_m = dot_operand(tl.where(pix_mask[None, :], z[m], 0.0), dtype, INTERPRETED)
-            tile_dw = tl.dot(dot_operand(dy, dtype, INTERPRETED), tl.trans(z_m), input_precision=DOT_PRECISION)
             if dtype == tl.float16:
-                tile_dw *= inverse_scale
-            dw = add_at(dw, m, tile_dw)
+                tile_dw = tl.dot(dot_operand(dy, dtype, INTERPRETED), tl.trans(z_m), input_precision=DOT_PRECISION)
+                dw = add_at(dw, m, tile_dw * inverse_scale)
+            else:
+                dw = dw[:m] + (tl.dot(dot_operand(dy, dtype, INTERPRETED), tl.trans(z_m), dw[m], input_precision=DOT_PRECISION),) + dw[m + 1:]
 
     num_chunks_row = num_chunks * M_DOT * BLOCK_C
     dw_ptrs = dw_ptr + split.to(tl.int64) * (G * C_out_g * num_chunks_row) \
@@ -252,51 +275,60 @@ def atom_conv2d_bwd_input_kernel(
     stride_bases_l, stride_bases_h, stride_bases_w,
     stride_dx_n, stride_dx_c, stride_dx_h, stride_dx_w,
     M: tl.constexpr, L: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, ATOMS_PER_DOT: tl.constexpr,
-    EVEN_C: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_P: tl.constexpr, TAP_GROUPS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+    ATOMS_PER_DOT: tl.constexpr, EVEN_C: tl.constexpr, FLAT_DX: tl.constexpr, WIDE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """dy [N, C_out, H_out, W_out], β (coeff) [N, M*L, H_out, W_out], Ψ (bases) [L, KH, KW],
     α (w) transposed per group and packed (`pack_transposed_weight`) -> dx [N, C_in, H, W]; any
     strides but w's.
 
-    The forward's tiling of the transposed problem: BLOCK_P input pixels, BLOCK_O input channels
-    (the dot's rows), output channels reduced in chunks of BLOCK_C. 1-D grid of
-    N * cdiv(H*W, BLOCK_P) * G * cdiv(C_in_g, BLOCK_O) programs.
+    The forward's tiling of the transposed problem: BLOCK_P input pixels (times TAP_GROUPS
+    columns), BLOCK_O input channels (the dot's rows), output channels reduced in chunks of
+    BLOCK_C. 1-D grid of N * cdiv(H*W, BLOCK_P) * G * cdiv(C_in_g, BLOCK_O) programs.
     """
     TAPS: tl.constexpr = KH * KW
+    PER_GROUP: tl.constexpr = (TAPS + TAP_GROUPS - 1) // TAP_GROUPS
+    COLUMNS: tl.constexpr = TAP_GROUPS * BLOCK_P
     num_c_tiles = tl.cdiv(C_in_g, BLOCK_O)
     pid = tl.program_id(0)
     pid_p, pid_gc = pid // (G * num_c_tiles), pid % (G * num_c_tiles)
     group, pid_c = pid_gc // num_c_tiles, pid_gc % num_c_tiles
-    n, ih, iw, q_mask = pixel_tile(pid_p, H, W, BLOCK_P)
+    n, _, ih, iw, q_mask = pixel_tile(pid_p, H, W, BLOCK_P, TAP_GROUPS)  # per column
     dy_ptr += n * stride_dy_n + offset(group * C_out_g, stride_dy_c, WIDE)
     coeff_ptr += n * stride_coeff_n
 
     # The atoms that reach each input pixel: tap t's atoms at the output pixel p_t(q) that reads
     # it, zero where no output pixel does (then dy reads 0 there too), and where dy is read.
-    atoms = (tl.zeros([BLOCK_P], tl.float32),) * (TAPS * M)
+    atoms = (tl.zeros([COLUMNS], tl.float32),) * (PER_GROUP * M)
     dy_taps = ()
     tap_masks = ()
-    for t in tl.static_range(TAPS):
+    for k in tl.static_range(PER_GROUP):
+        t, exists = column_tap(k, TAPS, TAP_GROUPS, BLOCK_P)
         oh, row_ok = _reading_output_coord(ih, PH, (t // KW) * DH, SH, H_out, q_mask)
         ow, tap_ok = _reading_output_coord(iw, PW, (t % KW) * DW, SW, W_out, row_ok)
+        if TAP_GROUPS > 1:
+            tap_ok = tap_ok & exists
         coeff_pix = offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE)
         for m in tl.static_range(M):
             for l in tl.static_range(L):
                 beta = tl.load(coeff_ptr + offset(m * L + l, stride_coeff_c, WIDE) + coeff_pix, mask=tap_ok,
                                other=0.0).to(tl.float32)
-                psi = tl.load(bases_ptr + l * stride_bases_l + (t // KW) * stride_bases_h
-                              + (t % KW) * stride_bases_w).to(tl.float32)
-                atoms = add_at(atoms, t * M + m, beta * psi)
+                psi_ptr = bases_ptr + l * stride_bases_l + (t // KW) * stride_bases_h + (t % KW) * stride_bases_w
+                if TAP_GROUPS == 1:
+                    psi = tl.load(psi_ptr).to(tl.float32)
+                else:
+                    psi = tl.load(psi_ptr, mask=exists, other=0.0).to(tl.float32)
+                atoms = add_at(atoms, k * M + m, beta * psi)
         dy_taps = dy_taps + (offset(oh, stride_dy_h, WIDE) + offset(ow, stride_dy_w, WIDE),)
         tap_masks = tap_masks + (tap_ok,)
     # Taps no output pixel reads add nothing (their masked β times an Inf in Ψ would add NaN).
     zeroed = ()
-    for k in tl.static_range(TAPS * M):
+    for k in tl.static_range(PER_GROUP * M):
         zeroed = zeroed + (tl.where(tap_masks[k // M], atoms[k], 0.0),)
     atoms = zeroed
     if dx_ptr.dtype.element_ty == tl.float16:
-        atoms, inverse_scale = scaled_to_unit_l1(atoms, M, TAPS, BLOCK_P)
+        atoms, inverse_scale = scaled_to_unit_l1(atoms, M, PER_GROUP, TAP_GROUPS, BLOCK_P)
 
     c = pid_c * BLOCK_O + tl.arange(0, BLOCK_O)
     c_mask = c < C_in_g
@@ -309,19 +341,20 @@ def atom_conv2d_bwd_input_kernel(
         o = chunk * BLOCK_C + out_chan
         o_mask = o < C_out_g
         dy_chunk = dy_ptr + offset(o, stride_dy_c, WIDE)[:, None]
-        u = (tl.zeros([BLOCK_C, BLOCK_P], tl.float32),) * M
-        for t in tl.static_range(TAPS):
-            dy_t = tl.load(dy_chunk + dy_taps[t][None, :], mask=o_mask[:, None] & tap_masks[t][None, :],
+        u = (tl.zeros([BLOCK_C, COLUMNS], tl.float32),) * M
+        for k in tl.static_range(PER_GROUP):
+            dy_t = tl.load(dy_chunk + dy_taps[k][None, :], mask=o_mask[:, None] & tap_masks[k][None, :],
                            other=0.0).to(tl.float32)
             for m in tl.static_range(M):
-                u = add_at(u, m, atoms[t * M + m][None, :] * dy_t)
+                u = add_at(u, m, atoms[k * M + m][None, :] * dy_t)
         acc = coefficient_sum(acc, u, w_ptr + chunk * (M_DOT * BLOCK_C), w_rows, c_mask, o_mask, M, EVEN_C,
-                              ATOMS_PER_DOT, BLOCK_C, BLOCK_P, DOT_PRECISION, INTERPRETED)
+                              ATOMS_PER_DOT, TAP_GROUPS, BLOCK_C, BLOCK_P, DOT_PRECISION, INTERPRETED)
 
     if dx_ptr.dtype.element_ty == tl.float16:
         acc *= inverse_scale[None, :]
+    _, q, ih, iw, q_mask = pixel_tile(pid_p, H, W, BLOCK_P, 1)  # per pixel
     dx_ptrs = dx_ptr + n * stride_dx_n + offset(group * C_in_g + c, stride_dx_c, WIDE)[:, None] \
-        + (offset(ih, stride_dx_h, WIDE) + offset(iw, stride_dx_w, WIDE))[None, :]
+        + pixel_offset(q, ih, iw, stride_dx_h, stride_dx_w, FLAT_DX, WIDE)[None, :]
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=c_mask[:, None] & q_mask[None, :])
 
 
@@ -353,8 +386,9 @@ def coeff_grad_launch(x, atom_coeff, bases, weight, grad_y, dcoeff, dbases, geo:
         **strides("stride_x", "nchw", x), **strides("stride_coeff", "nchw", atom_coeff),
         **strides("stride_bases", "lhw", bases), **strides("stride_dy", "nchw", grad_y),
         **strides("stride_dcoeff", "nchw", dcoeff), **_shape_args(geo),
-        BLOCK_P=launch.BLOCK_P, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C, M_DOT=_m_dot(geo, launch),
-        BASES_GRAD=dbases is not None, WIDE=needs_wide_offsets(x, atom_coeff, grad_y, dcoeff),
+        BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
+        M_DOT=_m_dot(geo, launch), BASES_GRAD=dbases is not None, FLAT_DY=flat_pixels(grad_y),
+        WIDE=needs_wide_offsets(x, atom_coeff, grad_y, dcoeff),
         DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,
     )
     name = "atom_conv2d_bwd_coeff_bases" if dbases is not None else "atom_conv2d_bwd_coeff"
@@ -377,8 +411,9 @@ def weight_grad_launch(x, atom_coeff, bases, grad_y, dweight_partials, geo: Atom
         **strides("stride_x", "nchw", x), **strides("stride_coeff", "nchw", atom_coeff),
         **strides("stride_bases", "lhw", bases), **strides("stride_dy", "nchw", grad_y),
         SPLITS=splits, **_shape_args(geo),
-        BLOCK_P=launch.BLOCK_P, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C, M_DOT=_m_dot(geo, launch),
-        WIDE=needs_wide_offsets(x, atom_coeff, grad_y), DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,
+        BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
+        M_DOT=_m_dot(geo, launch), FLAT_DY=flat_pixels(grad_y), WIDE=needs_wide_offsets(x, atom_coeff, grad_y),
+        DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,
     )
     pixel_tiles = geo.batch * triton.cdiv(geo.out_size[0] * geo.out_size[1], launch.BLOCK_P)
     return Launch("atom_conv2d_bwd_weight", atom_conv2d_bwd_weight_kernel, args, (programs,), launch.num_warps,
@@ -397,8 +432,9 @@ def input_grad_launch(atom_coeff, bases, weight, grad_y, dx, geo: AtomConvGeomet
         dx_ptr=dx, **_geometry_args(geo),
         **strides("stride_dy", "nchw", grad_y), **strides("stride_coeff", "nchw", atom_coeff),
         **strides("stride_bases", "lhw", bases), **strides("stride_dx", "nchw", dx), **_shape_args(geo),
-        BLOCK_P=launch.BLOCK_P, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C, ATOMS_PER_DOT=launch.ATOMS_PER_DOT,
-        EVEN_C=c_out_g % launch.BLOCK_C == 0, WIDE=needs_wide_offsets(grad_y, atom_coeff, dx),
+        BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
+        ATOMS_PER_DOT=launch.ATOMS_PER_DOT, EVEN_C=c_out_g % launch.BLOCK_C == 0, FLAT_DX=flat_pixels(dx),
+        WIDE=needs_wide_offsets(grad_y, atom_coeff, dx),
         DOT_PRECISION=dot_precision(dx.dtype), INTERPRETED=INTERPRETING,
     )
     return Launch("atom_conv2d_bwd_input", atom_conv2d_bwd_input_kernel, args, (programs,), launch.num_warps,

@@ -54,10 +54,13 @@ class TileConfig:
 
 @dataclass(frozen=True)
 class TileLaunch:
-    """A config fitted to one problem: the kernel's constexprs and launch options.
-    ATOMS_PER_DOT atoms share one stage-3 dot when BLOCK_C alone is below MIN_DOT_SIZE."""
+    """A config fitted to one problem: the kernel's constexprs and launch options. A tile has
+    32 * num_warps columns (one per thread): BLOCK_P pixels times TAP_GROUPS groups of taps,
+    each column holding the atoms of one pixel's taps of one group. ATOMS_PER_DOT atoms share
+    one stage-3 dot when TAP_GROUPS * BLOCK_C alone is below MIN_DOT_SIZE."""
 
     BLOCK_P: int
+    TAP_GROUPS: int
     BLOCK_C: int
     BLOCK_O: int
     ATOMS_PER_DOT: int
@@ -70,19 +73,35 @@ def pow2_at_least(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+ATOM_REGISTERS = 64
+"""At most this many atoms per thread (fp32 registers held for the whole program): a kernel
+whose M * KH * KW atoms of a pixel are more splits each pixel's taps over TAP_GROUPS threads."""
+
+
+def tap_groups(geo: AtomConvGeometry, columns: int) -> int:
+    """The fewest tap groups (a power of two) that keep each column's atoms within
+    ATOM_REGISTERS, while a tile keeps MIN_DOT_SIZE pixels (the dots' column count)."""
+    taps, groups = geo.kernel_size[0] * geo.kernel_size[1], 1
+    while _cdiv(taps, groups) * geo.num_atoms > ATOM_REGISTERS and columns // (2 * groups) >= MIN_DOT_SIZE:
+        groups *= 2
+    return groups
+
+
 def fit_tile_config(config: TileConfig, geo: AtomConvGeometry, *, transposed: bool = False) -> TileLaunch:
     """Fit a config to a problem: channel blocks shrink to the group's channels (powers of two),
-    but a chunk keeps at least 8 channels (two atoms make a dot of 16) and a tile at least 16.
-    `transposed`: the dx kernel's fit, whose chunks run over output channels and tiles over input
-    channels."""
+    but a chunk keeps at least 8 channels (two atoms make a dot of 16) and a tile at least 16;
+    taps split into `tap_groups`. `transposed`: the dx kernel's fit, whose chunks run over output
+    channels and tiles over input channels."""
     c_chunk, c_tile = geo.in_channels // geo.groups, geo.out_channels // geo.groups
     if transposed:
         c_chunk, c_tile = c_tile, c_chunk
     block_c = max(MIN_DOT_SIZE // 2, min(config.block_c, pow2_at_least(c_chunk)))
+    groups = tap_groups(geo, 32 * config.num_warps)
     return TileLaunch(
-        BLOCK_P=32 * config.num_warps, BLOCK_C=block_c,
+        BLOCK_P=32 * config.num_warps // groups, TAP_GROUPS=groups, BLOCK_C=block_c,
         BLOCK_O=max(MIN_DOT_SIZE, min(config.block_o, pow2_at_least(c_tile))),
-        ATOMS_PER_DOT=2 if block_c < MIN_DOT_SIZE else 1, num_warps=config.num_warps, num_stages=config.num_stages,
+        ATOMS_PER_DOT=2 if groups * block_c < MIN_DOT_SIZE else 1, num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
 
 

@@ -40,8 +40,9 @@ from atomconv.validation import AtomConvGeometry, output_layout, validate_atom_c
 
 from . import launch as launching
 from .configs import TileConfig, TileLaunch, arch_of, fit_tile_config, tile_candidates, default_config, tuned_config
-from .launch import INTERPRETING, Launch, check_runnable, dot_precision, needs_wide_offsets, strides
-from .tiles import atom_times_features, coefficient_sum, offset, pixel_atoms, pixel_tile, scaled_to_unit_l1
+from .launch import INTERPRETING, Launch, check_runnable, dot_precision, flat_pixels, needs_wide_offsets, strides
+from .tiles import (atom_times_features, coefficient_sum, offset, pixel_atoms, pixel_offset, pixel_tile, scaled_to_unit_l1,
+                    tap_geometry)
 
 
 @triton.jit
@@ -55,8 +56,9 @@ def atom_conv2d_fwd_kernel(
     stride_bias,
     stride_y_n, stride_y_c, stride_y_h, stride_y_w,
     M: tl.constexpr, L: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, ATOMS_PER_DOT: tl.constexpr,
-    EVEN_C: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_P: tl.constexpr, TAP_GROUPS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+    ATOMS_PER_DOT: tl.constexpr, EVEN_C: tl.constexpr, FLAT_Y: tl.constexpr, WIDE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """x [N, C_in, H, W], β (coeff) [N, M*L, H_out, W_out], Ψ (bases) [L, KH, KW], α (w) packed
     [C_out, cdiv(C_in_g, BLOCK_C), M_DOT, BLOCK_C] contiguous (`pack_weight`), bias [C_out] or
@@ -64,22 +66,27 @@ def atom_conv2d_fwd_kernel(
 
     1-D grid of N * cdiv(H_out*W_out, BLOCK_P) * G * cdiv(C_out_g, BLOCK_O) programs; the
     output-channel tiles of one pixel tile are neighbours, so they find its x and β in L2.
-    EVEN_C: C_in_g is a multiple of BLOCK_C. WIDE: int64 offsets inside a sample.
+    EVEN_C: C_in_g is a multiple of BLOCK_C. FLAT_Y: y's pixels are one run (`tiles.pixel_offset`).
+    WIDE: int64 offsets inside a sample.
     """
+    PER_GROUP: tl.constexpr = (KH * KW + TAP_GROUPS - 1) // TAP_GROUPS
+    COLUMNS: tl.constexpr = TAP_GROUPS * BLOCK_P
     num_o_tiles = tl.cdiv(C_out_g, BLOCK_O)
     pid = tl.program_id(0)
     pid_p, pid_go = pid // (G * num_o_tiles), pid % (G * num_o_tiles)
     group, pid_o = pid_go // num_o_tiles, pid_go % num_o_tiles
-    n, oh, ow, pix_mask = pixel_tile(pid_p, H_out, W_out, BLOCK_P)
+    n, _, oh, ow, pix_mask = pixel_tile(pid_p, H_out, W_out, BLOCK_P, TAP_GROUPS)  # per column
     x_ptr += n * stride_x_n + offset(group * C_in_g, stride_x_c, WIDE)
     coeff_ptr += n * stride_coeff_n
     y_ptr += n * stride_y_n
 
     atoms = pixel_atoms(coeff_ptr, offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE), pix_mask,
                         stride_coeff_c, bases_ptr, stride_bases_l, stride_bases_h, stride_bases_w, M, L, KH, KW,
-                        BLOCK_P, WIDE)
+                        TAP_GROUPS, BLOCK_P, WIDE)
     if y_ptr.dtype.element_ty == tl.float16:
-        atoms, inverse_scale = scaled_to_unit_l1(atoms, M, KH * KW, BLOCK_P)
+        atoms, inverse_scale = scaled_to_unit_l1(atoms, M, PER_GROUP, TAP_GROUPS, BLOCK_P)
+    taps = tap_geometry(oh, ow, pix_mask, H, W, SH, SW, PH, PW, DH, DW, stride_x_h, stride_x_w, KH, KW, TAP_GROUPS,
+                        BLOCK_P, WIDE)
 
     # Output channels of this tile (inside the group) and their packed α rows.
     o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -94,19 +101,19 @@ def atom_conv2d_fwd_kernel(
     for chunk in range(num_chunks):
         c = chunk * BLOCK_C + chan
         chan_mask = c < C_in_g
-        z = atom_times_features(x_ptr + offset(c, stride_x_c, WIDE)[:, None] + x_pix[None, :], chan_mask, oh, ow,
-                                pix_mask, H, W, SH, SW, PH, PW, DH, DW, stride_x_h, stride_x_w, atoms, M, KH, KW,
-                                BLOCK_C, BLOCK_P, WIDE)
+        z = atom_times_features(x_ptr + offset(c, stride_x_c, WIDE)[:, None] + x_pix[None, :], chan_mask,
+                                taps, atoms, M, PER_GROUP, BLOCK_C, COLUMNS)
         acc = coefficient_sum(acc, z, w_ptr + chunk * (M_DOT * BLOCK_C), w_rows, o_mask, chan_mask, M, EVEN_C,
-                              ATOMS_PER_DOT, BLOCK_C, BLOCK_P, DOT_PRECISION, INTERPRETED)
+                              ATOMS_PER_DOT, TAP_GROUPS, BLOCK_C, BLOCK_P, DOT_PRECISION, INTERPRETED)
 
     if y_ptr.dtype.element_ty == tl.float16:
         acc *= inverse_scale[None, :]
     o_glob = group * C_out_g + o
     if bias_ptr is not None:
         acc += tl.load(bias_ptr + o_glob * stride_bias, mask=o_mask, other=0.0).to(tl.float32)[:, None]
+    _, pix, oh, ow, pix_mask = pixel_tile(pid_p, H_out, W_out, BLOCK_P, 1)  # per pixel
     y_ptrs = y_ptr + offset(o_glob, stride_y_c, WIDE)[:, None] \
-        + (offset(oh, stride_y_h, WIDE) + offset(ow, stride_y_w, WIDE))[None, :]
+        + pixel_offset(pix, oh, ow, stride_y_h, stride_y_w, FLAT_Y, WIDE)[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=o_mask[:, None] & pix_mask[None, :])
 
 
@@ -126,8 +133,9 @@ def forward_kernel_args(x, atom_coeff, bases, weight, bias, y, geo: AtomConvGeom
         **strides("stride_bases", "lhw", bases),
         stride_bias=0 if bias is None else bias.stride(0), **strides("stride_y", "nchw", y),
         M=geo.num_atoms, L=geo.num_bases, KH=kh, KW=kw,
-        BLOCK_P=launch.BLOCK_P, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C, ATOMS_PER_DOT=launch.ATOMS_PER_DOT,
-        EVEN_C=c_in_g % launch.BLOCK_C == 0, WIDE=needs_wide_offsets(x, atom_coeff, y),
+        BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
+        ATOMS_PER_DOT=launch.ATOMS_PER_DOT, EVEN_C=c_in_g % launch.BLOCK_C == 0, FLAT_Y=flat_pixels(y),
+        WIDE=needs_wide_offsets(x, atom_coeff, y),
         DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,
     )
 

@@ -121,3 +121,10 @@ def needs_wide_offsets(*tensors: torch.Tensor) -> bool:
         if extent > MAX_INT32:
             return True
     return False
+
+
+def flat_pixels(t: torch.Tensor) -> bool:
+    """Whether the pixels of each (sample, channel) of an NCHW tensor t form one run: stride_h
+    is W * stride_w (contiguous NCHW, or any tensor of one row)."""
+    _, _, h, w = t.shape
+    return h == 1 or t.stride(2) == w * t.stride(3)

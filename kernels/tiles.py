@@ -40,13 +40,88 @@ def offset(index, stride, WIDE: tl.constexpr):
 
 
 @triton.jit
-def pixel_tile(pid_p, H_out, W_out, BLOCK_P: tl.constexpr):
-    """Program id over (sample, pixel tile) -> n (int64 scalar), oh, ow [BLOCK_P] and the mask of
-    the pixels inside the sample's H_out * W_out grid."""
+def pixel_tile(pid_p, H_out, W_out, BLOCK_P: tl.constexpr, TAP_GROUPS: tl.constexpr):
+    """Program id over (sample, pixel tile) -> n (int64 scalar), and pix (the pixel's index in
+    the sample's H_out * W_out grid), oh, ow and the mask of the pixels inside that grid, for
+    the TAP_GROUPS * BLOCK_P columns of a tile: column q holds pixel q % BLOCK_P of the tile
+    (TAP_GROUPS = 1: one column per pixel)."""
     tiles = tl.cdiv(H_out * W_out, BLOCK_P)
     n, tile = pid_p // tiles, pid_p % tiles
-    pix = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    return n.to(tl.int64), pix // W_out, pix % W_out, pix < H_out * W_out
+    if TAP_GROUPS == 1:
+        pix = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    else:
+        pix = tile * BLOCK_P + tl.arange(0, TAP_GROUPS * BLOCK_P) % BLOCK_P
+    return n.to(tl.int64), pix, pix // W_out, pix % W_out, pix < H_out * W_out
+
+
+@triton.jit
+def pixel_offset(pix, oh, ow, stride_h, stride_w, FLAT: tl.constexpr, WIDE: tl.constexpr):
+    """The offset of pixel (oh, ow) = pix in a tensor of one sample and channel. FLAT: the
+    tensor's pixels are one run (stride_h = W * stride_w), so the offset is pix * stride_w, and
+    Triton sees neighbouring pixels contiguous when stride_w is 1: it then loads and stores
+    them with wide accesses (a [channels, pixels] tile of a 2-D offset takes one per element)."""
+    if FLAT:
+        return offset(pix, stride_w, WIDE)
+    return offset(oh, stride_h, WIDE) + offset(ow, stride_w, WIDE)
+
+
+@triton.jit
+def column_tap(k: tl.constexpr, TAPS: tl.constexpr, TAP_GROUPS: tl.constexpr, BLOCK_P: tl.constexpr):
+    """(t, exists): the tap index i*KW + j of the k-th tap of each column and whether that tap
+    exists. Column q works on taps group*TAPS_PER_GROUP + k, group = q // BLOCK_P; with one
+    group, t = k is a compile-time constant and always exists."""
+    if TAP_GROUPS == 1:
+        t = k
+        exists = True
+    else:
+        t = (tl.arange(0, TAP_GROUPS * BLOCK_P) // BLOCK_P) * ((TAPS + TAP_GROUPS - 1) // TAP_GROUPS) + k
+        exists = t < TAPS
+    return t, exists
+
+
+@triton.jit
+def pixel_sum(values, TAP_GROUPS: tl.constexpr, BLOCK_P: tl.constexpr):
+    """[TAP_GROUPS * BLOCK_P] per column -> [BLOCK_P] per pixel: the sum over a pixel's columns."""
+    if TAP_GROUPS == 1:
+        return values
+    return tl.sum(tl.reshape(values, [TAP_GROUPS, BLOCK_P]), axis=0)
+
+
+@triton.jit
+def to_columns(values, TAP_GROUPS: tl.constexpr, BLOCK_P: tl.constexpr):
+    """[BLOCK_P] per pixel -> [TAP_GROUPS * BLOCK_P] per column (each pixel's value in its columns)."""
+    if TAP_GROUPS == 1:
+        return values
+    return tl.reshape(tl.broadcast_to(values[None, :], [TAP_GROUPS, BLOCK_P]), [TAP_GROUPS * BLOCK_P])
+
+
+@triton.jit
+def tap_geometry(oh, ow, pix_mask, H, W, SH, SW, PH, PW, DH, DW, stride_x_h, stride_x_w, KH: tl.constexpr,
+                 KW: tl.constexpr, TAP_GROUPS: tl.constexpr, BLOCK_P: tl.constexpr, WIDE: tl.constexpr):
+    """(row_offsets, column_offsets, masks): for each of a column's taps (`column_tap`), the
+    offset of its input pixel from x[n, c, oh*SH, ow*SW] as a row part plus a column part, and
+    whether that pixel is inside the image (false for padding, for pixels past the end and for
+    taps that do not exist). With one tap group the parts are scalars, and a row pointer is
+    shared by the row's taps; with more, the offset is all in the row part (per column)."""
+    TAPS: tl.constexpr = KH * KW
+    row_offsets = ()
+    column_offsets = ()
+    masks = ()
+    for k in tl.static_range((TAPS + TAP_GROUPS - 1) // TAP_GROUPS):
+        t, exists = column_tap(k, TAPS, TAP_GROUPS, BLOCK_P)
+        ih = oh * SH - PH + (t // KW) * DH
+        iw = ow * SW - PW + (t % KW) * DW
+        inside = pix_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        if TAP_GROUPS == 1:
+            row_offsets = row_offsets + (offset((t // KW) * DH - PH, stride_x_h, WIDE),)
+            column_offsets = column_offsets + (offset((t % KW) * DW - PW, stride_x_w, WIDE),)
+        else:
+            row_offsets = row_offsets + (offset((t // KW) * DH - PH, stride_x_h, WIDE)
+                                         + offset((t % KW) * DW - PW, stride_x_w, WIDE),)
+            column_offsets = column_offsets + (0,)
+            inside = inside & exists
+        masks = masks + (inside,)
+    return row_offsets, column_offsets, masks
 
 
 @triton.jit
@@ -106,102 +181,132 @@ def pow2_scale(bound):
 @triton.jit
 def pixel_atoms(coeff_ptr, coeff_pix, coeff_mask, stride_coeff_c, bases_ptr, stride_bases_l, stride_bases_h,
                 stride_bases_w, M: tl.constexpr, L: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                BLOCK_P: tl.constexpr, WIDE: tl.constexpr):
-    """Stage 1 for a tile of pixels: the tuple of M*KH*KW atoms [BLOCK_P] fp32, entry
-    (i*KW + j)*M + m = A[m, i, j, p] = Σ_l β[m*L + l, p] · Ψ[l, i, j]. coeff_ptr points at the
-    sample's β, coeff_pix [BLOCK_P] at each pixel within it; pixels where coeff_mask is false get
+                TAP_GROUPS: tl.constexpr, BLOCK_P: tl.constexpr, WIDE: tl.constexpr):
+    """Stage 1 for a tile: the tuple of TAPS_PER_GROUP * M atoms [TAP_GROUPS * BLOCK_P] fp32 of
+    each column's taps, entry k*M + m = A[m, t, p] = Σ_l β[m*L + l, p] · Ψ[l, t] with t the
+    column's k-th tap (`column_tap`). coeff_ptr points at the sample's β, coeff_pix at each
+    column's pixel within it; columns where coeff_mask is false, and taps that do not exist, get
     zero atoms."""
-    atoms = (tl.zeros([BLOCK_P], tl.float32),) * (KH * KW * M)
+    TAPS: tl.constexpr = KH * KW
+    PER_GROUP: tl.constexpr = (TAPS + TAP_GROUPS - 1) // TAP_GROUPS
+    atoms = (tl.zeros([TAP_GROUPS * BLOCK_P], tl.float32),) * (PER_GROUP * M)
     for m in tl.static_range(M):
         for l in tl.static_range(L):
             beta = tl.load(coeff_ptr + offset(m * L + l, stride_coeff_c, WIDE) + coeff_pix, mask=coeff_mask,
                            other=0.0).to(tl.float32)
-            for t in tl.static_range(KH * KW):
-                psi = tl.load(bases_ptr + l * stride_bases_l + (t // KW) * stride_bases_h
-                              + (t % KW) * stride_bases_w).to(tl.float32)
-                atoms = add_at(atoms, t * M + m, beta * psi)
+            for k in tl.static_range(PER_GROUP):
+                t, exists = column_tap(k, TAPS, TAP_GROUPS, BLOCK_P)
+                psi_ptrs = bases_ptr + l * stride_bases_l + (t // KW) * stride_bases_h + (t % KW) * stride_bases_w \
+                    + tl.zeros([TAP_GROUPS * BLOCK_P], tl.int32)
+                # Ψ per column, masked like β: a kernel that loops over pixel tiles cannot hoist
+                # (and hold in registers) all L*KH*KW of it.
+                psi_mask = coeff_mask
+                if TAP_GROUPS > 1:
+                    psi_mask = psi_mask & exists
+                psi = tl.load(psi_ptrs, mask=psi_mask, other=0.0).to(tl.float32)
+                atoms = add_at(atoms, k * M + m, beta * psi)
+    if TAP_GROUPS > 1:
+        # A tap that does not exist has no atom (its β times a zero Ψ would be NaN for an Inf β).
+        zeroed = ()
+        for k in tl.static_range(PER_GROUP):
+            t, exists = column_tap(k, TAPS, TAP_GROUPS, BLOCK_P)
+            for m in tl.static_range(M):
+                zeroed = zeroed + (tl.where(exists, atoms[k * M + m], 0.0),)
+        atoms = zeroed
     return atoms
 
 
 @triton.jit
-def atom_l1_bound(atoms, M: tl.constexpr, TAPS: tl.constexpr, BLOCK_P: tl.constexpr):
-    """[BLOCK_P] fp32: the largest L1 norm (over the taps) of a pixel's atoms."""
+def atom_l1_bound(atoms, M: tl.constexpr, PER_GROUP: tl.constexpr, TAP_GROUPS: tl.constexpr, BLOCK_P: tl.constexpr):
+    """[BLOCK_P] fp32: the largest L1 norm (over all its taps) of a pixel's atoms, from the
+    columns' atoms (`pixel_atoms`)."""
     bound = tl.zeros([BLOCK_P], tl.float32)
     for m in tl.static_range(M):
-        norm = tl.zeros([BLOCK_P], tl.float32)
-        for t in tl.static_range(TAPS):
-            norm += tl.abs(atoms[t * M + m])
-        bound = tl.maximum(bound, norm)
+        norm = tl.zeros([TAP_GROUPS * BLOCK_P], tl.float32)
+        for k in tl.static_range(PER_GROUP):
+            norm += tl.abs(atoms[k * M + m])
+        bound = tl.maximum(bound, pixel_sum(norm, TAP_GROUPS, BLOCK_P))
     return bound
 
 
 @triton.jit
-def scaled_atoms(atoms, scale, TAPS_M: tl.constexpr):
-    """Every atom multiplied by scale ([BLOCK_P] or a scalar)."""
+def scaled_atoms(atoms, scale, COUNT: tl.constexpr):
+    """Every atom multiplied by scale ([TAP_GROUPS * BLOCK_P] or a scalar)."""
     scaled = ()
-    for k in tl.static_range(TAPS_M):
+    for k in tl.static_range(COUNT):
         scaled = scaled + (atoms[k] * scale,)
     return scaled
 
 
 @triton.jit
-def scaled_to_unit_l1(atoms, M: tl.constexpr, TAPS: tl.constexpr, BLOCK_P: tl.constexpr):
+def scaled_to_unit_l1(atoms, M: tl.constexpr, PER_GROUP: tl.constexpr, TAP_GROUPS: tl.constexpr,
+                      BLOCK_P: tl.constexpr):
     """(atoms, inverse): the atoms of each pixel multiplied by the power of two s[p] that keeps
     the L1 norm of every atom of that pixel below 1, and 1 / s [BLOCK_P] (see the module doc)."""
-    scale, inverse = pow2_scale(atom_l1_bound(atoms, M, TAPS, BLOCK_P))
-    return scaled_atoms(atoms, scale, TAPS * M), inverse
+    scale, inverse = pow2_scale(atom_l1_bound(atoms, M, PER_GROUP, TAP_GROUPS, BLOCK_P))
+    return scaled_atoms(atoms, to_columns(scale, TAP_GROUPS, BLOCK_P), PER_GROUP * M), inverse
 
 
 @triton.jit
-def atom_times_features(x_ptrs, chan_mask, oh, ow, pix_mask, H, W, SH, SW, PH, PW, DH, DW,
-                        stride_x_h, stride_x_w, atoms, M: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, WIDE: tl.constexpr):
-    """Stage 2 for one channel chunk: the tuple of M tiles Z[m] [BLOCK_C, BLOCK_P] fp32,
-    Z[m][c, p] = Σ_(i,j) A[m, i, j, p] · x[c, oh*SH - PH + i*DH, ow*SW - PW + j*DW] with x zero
-    outside the image (the padding). x_ptrs [BLOCK_C, BLOCK_P] point at x[n, c, oh*SH, ow*SW];
-    atoms as `pixel_atoms` makes them."""
-    z = (tl.zeros([BLOCK_C, BLOCK_P], tl.float32),) * M
-    for i in tl.static_range(KH):
-        ih = oh * SH - PH + i * DH
-        row_ok = pix_mask & (ih >= 0) & (ih < H)
-        x_row = x_ptrs + offset(i * DH - PH, stride_x_h, WIDE)
-        for j in tl.static_range(KW):
-            iw = ow * SW - PW + j * DW
-            tap_ok = row_ok & (iw >= 0) & (iw < W)
-            x_tap = tl.load(x_row + offset(j * DW - PW, stride_x_w, WIDE), mask=chan_mask[:, None] & tap_ok[None, :],
-                            other=0.0).to(tl.float32)
-            for m in tl.static_range(M):
-                z = add_at(z, m, atoms[(i * KW + j) * M + m][None, :] * x_tap)
+def atom_times_features(x_ptrs, chan_mask, taps, atoms, M: tl.constexpr, PER_GROUP: tl.constexpr,
+                        BLOCK_C: tl.constexpr, COLUMNS: tl.constexpr):
+    """Stage 2 for one channel chunk: the tuple of M tiles Z[m] [BLOCK_C, COLUMNS] fp32,
+    Z[m][c, q] = Σ_k A[m, t_k, q] · x[c, tap t_k of q] over the column's taps, x zero outside the
+    image (the padding). x_ptrs [BLOCK_C, COLUMNS] point at x[n, c, oh*SH, ow*SW]; taps as
+    `tap_geometry`, atoms as `pixel_atoms` make them."""
+    row_offsets, column_offsets, masks = taps
+    z = (tl.zeros([BLOCK_C, COLUMNS], tl.float32),) * M
+    for k in tl.static_range(PER_GROUP):
+        x_tap = tl.load(x_ptrs + row_offsets[k] + column_offsets[k], mask=chan_mask[:, None] & masks[k][None, :],
+                        other=0.0).to(tl.float32)
+        for m in tl.static_range(M):
+            z = add_at(z, m, atoms[k * M + m][None, :] * x_tap)
     return z
 
 
 @triton.jit
+def stacked_by_group(z, TAP_GROUPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Z [BLOCK_C, TAP_GROUPS * BLOCK_P] (a column per pixel and tap group) -> [TAP_GROUPS *
+    BLOCK_C, BLOCK_P]: the groups' partial sums of a pixel stacked along the dot's reduction, row
+    r*BLOCK_C + c = Z[c, r*BLOCK_P + p], so a dot with α repeated per group sums them."""
+    if TAP_GROUPS == 1:
+        return z
+    return tl.reshape(tl.permute(tl.reshape(z, [BLOCK_C, TAP_GROUPS, BLOCK_P]), (1, 0, 2)),
+                      [TAP_GROUPS * BLOCK_C, BLOCK_P])
+
+
+@triton.jit
 def coefficient_sum(acc, z, w_ptr, w_rows, o_mask, chan_mask, M: tl.constexpr, EVEN_C: tl.constexpr,
-                    ATOMS_PER_DOT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+                    ATOMS_PER_DOT: tl.constexpr, TAP_GROUPS: tl.constexpr, BLOCK_C: tl.constexpr,
+                    BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     """Stage 3 for one chunk: acc [BLOCK_O, BLOCK_P] fp32 += Σ_m α_m [BLOCK_O, BLOCK_C] @ Z[m]
-    [BLOCK_C, BLOCK_P], on tensor cores. w_ptr points at the chunk's block of the packed α
+    summed over the tap groups, on tensor cores: one dot per atom of α_m repeated per group and
+    the stacked Z (`stacked_by_group`). w_ptr points at the chunk's block of the packed α
     (`forward.pack_weight`: atom m's BLOCK_C columns start m*BLOCK_C in), w_rows [BLOCK_O] are
     the offsets of the tile's rows (o_mask: rows inside the group). A 16-bit dot reduces over at
-    least 16: with fewer channels a dot takes ATOMS_PER_DOT = 2 atoms at once (a zero tile stands
-    in for the partner of the last of an odd M; its packed α columns are zero too).
+    least 16: when TAP_GROUPS * BLOCK_C is fewer, a dot takes ATOMS_PER_DOT = 2 atoms at once (a
+    zero tile stands in for the partner of the last of an odd M; its packed α columns are zero).
 
     Z rows of channels past the group (chan_mask false; only in a ragged last chunk, not EVEN_C)
     are zeroed first: their zero α would turn an Inf there (an Inf atom times 0) into NaN.
     """
     dtype: tl.constexpr = w_ptr.dtype.element_ty
     PER_DOT: tl.constexpr = ATOMS_PER_DOT
-    columns = tl.arange(0, PER_DOT * BLOCK_C)
+    ROWS: tl.constexpr = TAP_GROUPS * BLOCK_C
+    columns = tl.arange(0, PER_DOT * ROWS)  # of α: atom columns // ROWS, channel columns % BLOCK_C
     for k in tl.static_range(0, M, PER_DOT):
         if PER_DOT == 1:
-            operand = z[k]
+            operand = stacked_by_group(z[k], TAP_GROUPS, BLOCK_C, BLOCK_P)
         else:
-            partner = z[k + 1] if k + 1 < M else tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-            operand = tl.reshape(tl.permute(tl.join(z[k], partner), (2, 0, 1)), [2 * BLOCK_C, BLOCK_P])
+            partner = z[k + 1] if k + 1 < M else tl.zeros([BLOCK_C, TAP_GROUPS * BLOCK_P], tl.float32)
+            operand = tl.reshape(tl.permute(tl.join(stacked_by_group(z[k], TAP_GROUPS, BLOCK_C, BLOCK_P),
+                                                    stacked_by_group(partner, TAP_GROUPS, BLOCK_C, BLOCK_P)),
+                                            (2, 0, 1)), [2 * ROWS, BLOCK_P])
         if not EVEN_C:
-            rows_ok = tl.reshape(tl.broadcast_to(chan_mask[None, :], [PER_DOT, BLOCK_C]), [PER_DOT * BLOCK_C])
+            rows_ok = tl.reshape(tl.broadcast_to(chan_mask[None, :], [PER_DOT * TAP_GROUPS, BLOCK_C]), [PER_DOT * ROWS])
             operand = tl.where(rows_ok[:, None], operand, 0.0)
-        w = tl.load(w_ptr + w_rows[:, None] + (k * BLOCK_C + columns)[None, :], mask=o_mask[:, None], other=0.0)
+        w = tl.load(w_ptr + w_rows[:, None] + ((k + columns // ROWS) * BLOCK_C + columns % BLOCK_C)[None, :],
+                    mask=o_mask[:, None], other=0.0)
         acc = tl.dot(dot_operand(w, dtype, INTERPRETED), dot_operand(operand, dtype, INTERPRETED), acc,
                      input_precision=DOT_PRECISION)
     return acc

@@ -210,3 +210,18 @@ def test_weight_grad_splits_fill_the_target_within_the_pixel_tiles():
     assert configs.weight_grad_splits(geo, launch, target_programs=3) == 2
     assert configs.weight_grad_splits(geo, launch, target_programs=10**6) == 8  # one per pixel tile: 2 x 4 per sample
     assert configs.weight_grad_splits(geo, launch, target_programs=1) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("problem", [(5, 1, 2, 1, 1), (7, 1, 3, 1, 1), ((3, 7), 2, (1, 3), (2, 1), 2)],
+                         ids=lambda p: "k{}-s{}-p{}-d{}-g{}".format(*p))
+def test_taps_split_over_tap_groups(problem, dtype):
+    """Large kernels: each pixel's taps split over several threads (tap groups) in every kernel,
+    dΨ's partials included; the default config must really split here (for dx too)."""
+    kernel, stride, padding, dilation, groups = problem
+    tensors, kwargs = make_problem(2, 4, 6, (9, 8), kernel, stride, padding, dilation, groups, num_atoms=6, num_bases=5)
+    geo = validate_atom_conv2d(*tensors, **kwargs)
+    default = configs.default_config(dtype, "sm_80")
+    assert configs.fit_tile_config(default, geo).TAP_GROUPS > 1
+    assert configs.fit_tile_config(default, geo, transposed=True).TAP_GROUPS > 1
+    check(tensors, kwargs, dtype)

@@ -144,35 +144,38 @@ def atom_conv2d_bwd_coeff_kernel(
                         d_atoms = add_at(d_atoms, t * M + m, dz_rows[m][k] * x_tap)
 
     # dβ[m*L + l] = Σ_taps dA[m, tap] · Ψ[l, tap]: over each column's taps, then a pixel's columns.
+    # (Bases outermost, each Ψ value used by every atom as it is loaded, as in `pixel_atoms`.)
     _, out_pix, out_h, out_w, out_mask = pixel_tile(pid, H_out, W_out, BLOCK_P, 1)  # per pixel
     dcoeff_pix = offset(out_h, stride_dcoeff_h, WIDE) + offset(out_w, stride_dcoeff_w, WIDE)
-    for m in tl.static_range(M):
-        for l in tl.static_range(L):
-            d_beta = tl.zeros([COLUMNS], tl.float32)
-            for k in tl.static_range(PER_GROUP):
-                t, exists = column_tap(k, TAPS, TAP_GROUPS, BLOCK_P)
-                psi_ptr = bases_ptr + l * stride_bases_l + (t // KW) * stride_bases_h + (t % KW) * stride_bases_w
-                if TAP_GROUPS == 1:
-                    psi = tl.load(psi_ptr).to(tl.float32)
-                else:
-                    psi = tl.load(psi_ptr, mask=exists, other=0.0).to(tl.float32)
-                d_beta += d_atoms[k * M + m] * psi
+    for l in tl.static_range(L):
+        d_beta = (tl.zeros([COLUMNS], tl.float32),) * M
+        for k in tl.static_range(PER_GROUP):
+            t, exists = column_tap(k, TAPS, TAP_GROUPS, BLOCK_P)
+            psi_ptr = bases_ptr + l * stride_bases_l + (t // KW) * stride_bases_h + (t % KW) * stride_bases_w
+            if TAP_GROUPS == 1:
+                psi = tl.load(psi_ptr).to(tl.float32)
+            else:
+                psi = tl.load(psi_ptr, mask=exists, other=0.0).to(tl.float32)
+            for m in tl.static_range(M):
+                d_beta = add_at(d_beta, m, d_atoms[k * M + m] * psi)
+        for m in tl.static_range(M):
             tl.store(dcoeff_ptr + n * stride_dcoeff_n + offset(m * L + l, stride_dcoeff_c, WIDE) + dcoeff_pix,
-                     pixel_sum(d_beta, TAP_GROUPS, BLOCK_P).to(dcoeff_ptr.dtype.element_ty), mask=out_mask)
+                     pixel_sum(d_beta[m], TAP_GROUPS, BLOCK_P).to(dcoeff_ptr.dtype.element_ty), mask=out_mask)
     if BASES_GRAD:
         # dΨ[l, tap] partial = Σ over the tile's pixels and the atoms of β[m*L + l] · dA[m, tap].
         coeff_ptr += n * stride_coeff_n
         coeff_pix = offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE)
         partials = dbases_ptr + pid.to(tl.int64) * (L * TAPS)
         for l in tl.static_range(L):
+            betas = ()
+            for m in tl.static_range(M):
+                # Pixels past the end have zero dA, but an Inf in β there must not meet it: β is 0 there.
+                betas = betas + (tl.load(coeff_ptr + offset(m * L + l, stride_coeff_c, WIDE) + coeff_pix,
+                                         mask=pix_mask, other=0.0).to(tl.float32),)
             for k in tl.static_range(PER_GROUP):
                 per_column = tl.zeros([COLUMNS], tl.float32)
                 for m in tl.static_range(M):
-                    beta = tl.load(coeff_ptr + offset(m * L + l, stride_coeff_c, WIDE) + coeff_pix, mask=pix_mask,
-                                   other=0.0).to(tl.float32)
-                    per_column += beta * d_atoms[k * M + m]
-                # Pixels past the end have zero dA, but an Inf in β there must not meet it.
-                per_column = tl.where(pix_mask, per_column, 0.0)
+                    per_column += betas[m] * d_atoms[k * M + m]
                 if TAP_GROUPS == 1:
                     tl.store(partials + l * TAPS + k, tl.sum(per_column, axis=0))
                 else:
@@ -224,8 +227,8 @@ def atom_conv2d_bwd_weight_kernel(
     for pixel_tile_id in range(split, N * tl.cdiv(H_out * W_out, BLOCK_P), SPLITS):
         n, pix, oh, ow, pix_mask = pixel_tile(pixel_tile_id, H_out, W_out, BLOCK_P, TAP_GROUPS)  # per column
         atoms = pixel_atoms(coeff_ptr + n * stride_coeff_n, offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE),
-                            pix_mask, stride_coeff_c, bases_ptr, stride_bases_l, stride_bases_h, stride_bases_w, M, L,
-                            KH, KW, TAP_GROUPS, BLOCK_P, WIDE)
+                            pix_mask, stride_coeff_c, bases_ptr, stride_bases_l, stride_bases_h, stride_bases_w,
+                            M, L, KH, KW, TAP_GROUPS, BLOCK_P, WIDE)
         if dtype == tl.float16:
             # The dot sums over pixels: one power of two for the tile, from its largest atom norm.
             tile_scale, inverse_scale = pow2_scale(tl.max(atom_l1_bound(atoms, M, PER_GROUP, TAP_GROUPS, BLOCK_P), axis=0))
@@ -241,12 +244,13 @@ def atom_conv2d_bwd_weight_kernel(
                      mask=o_mask[:, None] & pix_mask[None, :], other=0.0)
         for m in tl.static_range(M):
             # Pixels past the end: dy is 0 there, but Z may be NaN (masked β times an Inf in Ψ).
-            z_m = dot_operand(tl.where(pix_mask[None, :], z[m], 0.0), dtype, INTERPRETED)
+            z_m = tl.trans(dot_operand(tl.where(pix_mask[None, :], z[m], 0.0), dtype, INTERPRETED))
             if dtype == tl.float16:
-                tile_dw = tl.dot(dot_operand(dy, dtype, INTERPRETED), tl.trans(z_m), input_precision=DOT_PRECISION)
-                dw = add_at(dw, m, tile_dw * inverse_scale)
-            else:
-                dw = dw[:m] + (tl.dot(dot_operand(dy, dtype, INTERPRETED), tl.trans(z_m), dw[m], input_precision=DOT_PRECISION),) + dw[m + 1:]
+                dw = add_at(dw, m, tl.dot(dot_operand(dy, dtype, INTERPRETED), z_m, input_precision=DOT_PRECISION)
+                            * inverse_scale)
+            else:  # (accumulating in the dot)
+                dw = dw[:m] + (tl.dot(dot_operand(dy, dtype, INTERPRETED), z_m, dw[m], input_precision=DOT_PRECISION),) \
+                    + dw[m + 1:]
 
     num_chunks_row = num_chunks * M_DOT * BLOCK_C
     dw_ptrs = dw_ptr + split.to(tl.int64) * (G * C_out_g * num_chunks_row) \
@@ -310,15 +314,15 @@ def atom_conv2d_bwd_input_kernel(
         if TAP_GROUPS > 1:
             tap_ok = tap_ok & exists
         coeff_pix = offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE)
-        for m in tl.static_range(M):
-            for l in tl.static_range(L):
+        for l in tl.static_range(L):
+            psi_ptr = bases_ptr + l * stride_bases_l + (t // KW) * stride_bases_h + (t % KW) * stride_bases_w
+            if TAP_GROUPS == 1:
+                psi = tl.load(psi_ptr).to(tl.float32)
+            else:
+                psi = tl.load(psi_ptr, mask=exists, other=0.0).to(tl.float32)
+            for m in tl.static_range(M):
                 beta = tl.load(coeff_ptr + offset(m * L + l, stride_coeff_c, WIDE) + coeff_pix, mask=tap_ok,
                                other=0.0).to(tl.float32)
-                psi_ptr = bases_ptr + l * stride_bases_l + (t // KW) * stride_bases_h + (t % KW) * stride_bases_w
-                if TAP_GROUPS == 1:
-                    psi = tl.load(psi_ptr).to(tl.float32)
-                else:
-                    psi = tl.load(psi_ptr, mask=exists, other=0.0).to(tl.float32)
                 atoms = add_at(atoms, k * M + m, beta * psi)
         dy_taps = dy_taps + (offset(oh, stride_dy_h, WIDE) + offset(ow, stride_dy_w, WIDE),)
         tap_masks = tap_masks + (tap_ok,)

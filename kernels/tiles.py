@@ -190,21 +190,25 @@ def pixel_atoms(coeff_ptr, coeff_pix, coeff_mask, stride_coeff_c, bases_ptr, str
     TAPS: tl.constexpr = KH * KW
     PER_GROUP: tl.constexpr = (TAPS + TAP_GROUPS - 1) // TAP_GROUPS
     atoms = (tl.zeros([TAP_GROUPS * BLOCK_P], tl.float32),) * (PER_GROUP * M)
-    for m in tl.static_range(M):
-        for l in tl.static_range(L):
-            beta = tl.load(coeff_ptr + offset(m * L + l, stride_coeff_c, WIDE) + coeff_pix, mask=coeff_mask,
-                           other=0.0).to(tl.float32)
-            for k in tl.static_range(PER_GROUP):
-                t, exists = column_tap(k, TAPS, TAP_GROUPS, BLOCK_P)
-                psi_ptrs = bases_ptr + l * stride_bases_l + (t // KW) * stride_bases_h + (t % KW) * stride_bases_w \
-                    + tl.zeros([TAP_GROUPS * BLOCK_P], tl.int32)
-                # Ψ per column, masked like β: a kernel that loops over pixel tiles cannot hoist
-                # (and hold in registers) all L*KH*KW of it.
-                psi_mask = coeff_mask
-                if TAP_GROUPS > 1:
-                    psi_mask = psi_mask & exists
-                psi = tl.load(psi_ptrs, mask=psi_mask, other=0.0).to(tl.float32)
-                atoms = add_at(atoms, k * M + m, beta * psi)
+    # Bases outermost: each β and Ψ value is used as soon as it is loaded (Ψ[l, t] by every atom),
+    # so only the atoms stay live, not all L*KH*KW of Ψ (the register pressure of a large kernel).
+    for l in tl.static_range(L):
+        betas = ()
+        for m in tl.static_range(M):
+            betas = betas + (tl.load(coeff_ptr + offset(m * L + l, stride_coeff_c, WIDE) + coeff_pix,
+                                     mask=coeff_mask, other=0.0).to(tl.float32),)
+        for k in tl.static_range(PER_GROUP):
+            t, exists = column_tap(k, TAPS, TAP_GROUPS, BLOCK_P)
+            psi_ptrs = bases_ptr + l * stride_bases_l + (t // KW) * stride_bases_h + (t % KW) * stride_bases_w \
+                + tl.zeros([TAP_GROUPS * BLOCK_P], tl.int32)
+            # Ψ per column, masked like β: a kernel that loops over pixel tiles cannot hoist
+            # (and hold in registers) all L*KH*KW of it.
+            psi_mask = coeff_mask
+            if TAP_GROUPS > 1:
+                psi_mask = psi_mask & exists
+            psi = tl.load(psi_ptrs, mask=psi_mask, other=0.0).to(tl.float32)
+            for m in tl.static_range(M):
+                atoms = add_at(atoms, k * M + m, betas[m] * psi)
     if TAP_GROUPS > 1:
         # A tap that does not exist has no atom (its β times a zero Ψ would be NaN for an Inf β).
         zeroed = ()
@@ -305,8 +309,11 @@ def coefficient_sum(acc, z, w_ptr, w_rows, o_mask, chan_mask, M: tl.constexpr, E
         if not EVEN_C:
             rows_ok = tl.reshape(tl.broadcast_to(chan_mask[None, :], [PER_DOT * TAP_GROUPS, BLOCK_C]), [PER_DOT * ROWS])
             operand = tl.where(rows_ok[:, None], operand, 0.0)
-        w = tl.load(w_ptr + w_rows[:, None] + ((k + columns // ROWS) * BLOCK_C + columns % BLOCK_C)[None, :],
-                    mask=o_mask[:, None], other=0.0)
+        if TAP_GROUPS == 1:
+            w_columns = k * BLOCK_C + columns  # (contiguous: wide loads)
+        else:
+            w_columns = (k + columns // ROWS) * BLOCK_C + columns % BLOCK_C
+        w = tl.load(w_ptr + w_rows[:, None] + w_columns[None, :], mask=o_mask[:, None], other=0.0)
         acc = tl.dot(dot_operand(w, dtype, INTERPRETED), dot_operand(operand, dtype, INTERPRETED), acc,
                      input_precision=DOT_PRECISION)
     return acc

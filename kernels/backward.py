@@ -63,7 +63,7 @@ from . import launch as launching
 from .configs import (TileConfig, TileLaunch, arch_of, fit_tile_config, tile_candidates, default_config,
                       tuned_config, weight_grad_splits)
 from .forward import forward_footprint, pack_weight
-from .launch import INTERPRETING, Launch, check_runnable, dot_precision, flat_pixels, needs_wide_offsets, strides
+from .launch import INTERPRETING, Launch, check_runnable, dot_precision, pixel_run, needs_wide_offsets, strides
 from .tiles import (add_at, atom_l1_bound, atom_times_features, coefficient_sum, column_tap, dot_operand, offset,
                     pixel_atoms, pixel_offset, pixel_sum, pixel_tile, pow2_scale, scaled_atoms, scaled_to_unit_l1,
                     tap_geometry, tile_rows, to_columns)
@@ -98,7 +98,7 @@ def atom_conv2d_bwd_coeff_kernel(
     COLUMNS: tl.constexpr = TAP_GROUPS * BLOCK_P
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
-    n, pix, oh, ow, pix_mask = pixel_tile(pid, H_out, W_out, BLOCK_P, TAP_GROUPS)  # per column
+    n, pix, oh, ow, pix_mask = pixel_tile(pid, H_out, W_out, BLOCK_P, TAP_GROUPS, FLAT_DY)  # per column
     x_ptr += n * stride_x_n
     dy_ptr += n * stride_dy_n
     dy_pix = pixel_offset(pix, oh, ow, stride_dy_h, stride_dy_w, FLAT_DY, WIDE)
@@ -121,12 +121,13 @@ def atom_conv2d_bwd_coeff_kernel(
             for o0 in range(0, C_out_g, BLOCK_O):
                 o = o0 + out_chan
                 o_mask = o < C_out_g
-                dy = tl.load(dy_ptr + offset(group * C_out_g + o, stride_dy_c, WIDE)[:, None] + dy_pix[None, :],
-                             mask=o_mask[:, None] & pix_mask[None, :], other=0.0)
+                # dyᵀ [COLUMNS, BLOCK_O], loaded as such: pixels are the contiguous (coalesced) axis.
+                dy_t = tl.load(dy_ptr + dy_pix[:, None] + offset(group * C_out_g + o, stride_dy_c, WIDE)[None, :],
+                               mask=pix_mask[:, None] & o_mask[None, :], other=0.0)
                 w_t = w_ptr + ((group * C_out_g + o) * w_row)[:, None] + (chunk * M_DOT * BLOCK_C + chan)[None, :]
                 for m in tl.static_range(M):
                     alpha = tl.load(w_t + m * BLOCK_C, mask=o_mask[:, None], other=0.0)  # [BLOCK_O, BLOCK_C]
-                    dz = add_at(dz, m, tl.dot(dot_operand(tl.trans(dy), dtype, INTERPRETED),
+                    dz = add_at(dz, m, tl.dot(dot_operand(dy_t, dtype, INTERPRETED),
                                               dot_operand(alpha, dtype, INTERPRETED), input_precision=DOT_PRECISION))
             # Padding lanes of dZ are exactly zero: an Inf tap there must not make NaN.
             valid = chan_mask[:, None] & pix_mask[None, :]
@@ -145,7 +146,7 @@ def atom_conv2d_bwd_coeff_kernel(
 
     # dβ[m*L + l] = Σ_taps dA[m, tap] · Ψ[l, tap]: over each column's taps, then a pixel's columns.
     # (Bases outermost, each Ψ value used by every atom as it is loaded, as in `pixel_atoms`.)
-    _, out_pix, out_h, out_w, out_mask = pixel_tile(pid, H_out, W_out, BLOCK_P, 1)  # per pixel
+    _, out_pix, out_h, out_w, out_mask = pixel_tile(pid, H_out, W_out, BLOCK_P, 1, 1)  # per pixel
     dcoeff_pix = offset(out_h, stride_dcoeff_h, WIDE) + offset(out_w, stride_dcoeff_w, WIDE)
     for l in tl.static_range(L):
         d_beta = (tl.zeros([COLUMNS], tl.float32),) * M
@@ -206,16 +207,15 @@ def atom_conv2d_bwd_weight_kernel(
     split s holds Σ over pixel tiles s, s + SPLITS, ... of dy @ Zᵀ. Columns that are padding
     (channels past the group, atoms past M) hold garbage; the launcher drops them.
 
-    1-D grid of SPLITS * G * cdiv(C_out_g, BLOCK_O) * cdiv(C_in_g, BLOCK_C) programs; the
-    programs of one split are neighbours, so they read the same pixels from L2.
+    Grid (G * cdiv(C_out_g, BLOCK_O) * cdiv(C_in_g, BLOCK_C), SPLITS): the programs of one split
+    are neighbours, so they read the same pixels from L2.
     """
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     PER_GROUP: tl.constexpr = (KH * KW + TAP_GROUPS - 1) // TAP_GROUPS
     COLUMNS: tl.constexpr = TAP_GROUPS * BLOCK_P
     num_o_tiles = tl.cdiv(C_out_g, BLOCK_O)
     num_chunks = tl.cdiv(C_in_g, BLOCK_C)
-    pid = tl.program_id(0)
-    split, tile = pid // (G * num_o_tiles * num_chunks), pid % (G * num_o_tiles * num_chunks)
+    tile, split = tl.program_id(0), tl.program_id(1)
     group, tile = tile // (num_o_tiles * num_chunks), tile % (num_o_tiles * num_chunks)
     pid_o, chunk = tile // num_chunks, tile % num_chunks
 
@@ -225,7 +225,7 @@ def atom_conv2d_bwd_weight_kernel(
     chan_mask = c < C_in_g
     dw = (tl.zeros([BLOCK_O, BLOCK_C], tl.float32),) * M
     for pixel_tile_id in range(split, N * tl.cdiv(H_out * W_out, BLOCK_P), SPLITS):
-        n, pix, oh, ow, pix_mask = pixel_tile(pixel_tile_id, H_out, W_out, BLOCK_P, TAP_GROUPS)  # per column
+        n, pix, oh, ow, pix_mask = pixel_tile(pixel_tile_id, H_out, W_out, BLOCK_P, TAP_GROUPS, FLAT_DY)  # per column
         atoms = pixel_atoms(coeff_ptr + n * stride_coeff_n, offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE),
                             pix_mask, stride_coeff_c, bases_ptr, stride_bases_l, stride_bases_h, stride_bases_w,
                             M, L, KH, KW, TAP_GROUPS, BLOCK_P, WIDE)
@@ -298,7 +298,7 @@ def atom_conv2d_bwd_input_kernel(
     pid = tl.program_id(0)
     pid_p, pid_gc = pid // (G * num_c_tiles), pid % (G * num_c_tiles)
     group, pid_c = pid_gc // num_c_tiles, pid_gc % num_c_tiles
-    n, _, ih, iw, q_mask = pixel_tile(pid_p, H, W, BLOCK_P, TAP_GROUPS)  # per column
+    n, _, ih, iw, q_mask = pixel_tile(pid_p, H, W, BLOCK_P, TAP_GROUPS, 1)  # per column
     dy_ptr += n * stride_dy_n + offset(group * C_out_g, stride_dy_c, WIDE)
     coeff_ptr += n * stride_coeff_n
 
@@ -356,7 +356,7 @@ def atom_conv2d_bwd_input_kernel(
 
     if dx_ptr.dtype.element_ty == tl.float16:
         acc *= inverse_scale[None, :]
-    _, q, ih, iw, q_mask = pixel_tile(pid_p, H, W, BLOCK_P, 1)  # per pixel
+    _, q, ih, iw, q_mask = pixel_tile(pid_p, H, W, BLOCK_P, 1, FLAT_DX)  # per pixel
     dx_ptrs = dx_ptr + n * stride_dx_n + offset(group * C_in_g + c, stride_dx_c, WIDE)[:, None] \
         + pixel_offset(q, ih, iw, stride_dx_h, stride_dx_w, FLAT_DX, WIDE)[None, :]
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=c_mask[:, None] & q_mask[None, :])
@@ -391,7 +391,7 @@ def coeff_grad_launch(x, atom_coeff, bases, weight, grad_y, dcoeff, dbases, geo:
         **strides("stride_bases", "lhw", bases), **strides("stride_dy", "nchw", grad_y),
         **strides("stride_dcoeff", "nchw", dcoeff), **_shape_args(geo),
         BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
-        M_DOT=_m_dot(geo, launch), BASES_GRAD=dbases is not None, FLAT_DY=flat_pixels(grad_y),
+        M_DOT=_m_dot(geo, launch), BASES_GRAD=dbases is not None, FLAT_DY=pixel_run(grad_y),
         WIDE=needs_wide_offsets(x, atom_coeff, grad_y, dcoeff),
         DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,
     )
@@ -407,8 +407,9 @@ def weight_grad_launch(x, atom_coeff, bases, grad_y, dweight_partials, geo: Atom
     """The dα kernel's launch; the split count is dweight_partials.shape[0]."""
     splits = dweight_partials.shape[0]
     c_in_g, c_out_g = geo.in_channels // geo.groups, geo.out_channels // geo.groups
-    programs = splits * geo.groups * triton.cdiv(c_out_g, launch.BLOCK_O) * triton.cdiv(c_in_g, launch.BLOCK_C)
-    launching.check_int32_indexing("H_out*W_out", geo.out_size[0] * geo.out_size[1], launch.BLOCK_P, programs)
+    alpha_tiles = geo.groups * triton.cdiv(c_out_g, launch.BLOCK_O) * triton.cdiv(c_in_g, launch.BLOCK_C)
+    launching.check_int32_indexing("H_out*W_out", geo.out_size[0] * geo.out_size[1], launch.BLOCK_P,
+                                   alpha_tiles * splits)
     args = dict(
         x_ptr=x, coeff_ptr=atom_coeff, bases_ptr=bases, dy_ptr=grad_y, dw_ptr=dweight_partials,
         **_geometry_args(geo), N=geo.batch,
@@ -416,12 +417,12 @@ def weight_grad_launch(x, atom_coeff, bases, grad_y, dweight_partials, geo: Atom
         **strides("stride_bases", "lhw", bases), **strides("stride_dy", "nchw", grad_y),
         SPLITS=splits, **_shape_args(geo),
         BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
-        M_DOT=_m_dot(geo, launch), FLAT_DY=flat_pixels(grad_y), WIDE=needs_wide_offsets(x, atom_coeff, grad_y),
+        M_DOT=_m_dot(geo, launch), FLAT_DY=pixel_run(grad_y), WIDE=needs_wide_offsets(x, atom_coeff, grad_y),
         DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,
     )
     pixel_tiles = geo.batch * triton.cdiv(geo.out_size[0] * geo.out_size[1], launch.BLOCK_P)
-    return Launch("atom_conv2d_bwd_weight", atom_conv2d_bwd_weight_kernel, args, (programs,), launch.num_warps,
-                  launch.num_stages, loop_trips=(pixel_tiles / splits,))
+    return Launch("atom_conv2d_bwd_weight", atom_conv2d_bwd_weight_kernel, args, (alpha_tiles, splits),
+                  launch.num_warps, launch.num_stages, loop_trips=(pixel_tiles / splits,))
 
 
 def input_grad_launch(atom_coeff, bases, weight, grad_y, dx, geo: AtomConvGeometry, launch: TileLaunch) -> Launch:
@@ -437,7 +438,7 @@ def input_grad_launch(atom_coeff, bases, weight, grad_y, dx, geo: AtomConvGeomet
         **strides("stride_dy", "nchw", grad_y), **strides("stride_coeff", "nchw", atom_coeff),
         **strides("stride_bases", "lhw", bases), **strides("stride_dx", "nchw", dx), **_shape_args(geo),
         BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
-        ATOMS_PER_DOT=launch.ATOMS_PER_DOT, EVEN_C=c_out_g % launch.BLOCK_C == 0, FLAT_DX=flat_pixels(dx),
+        ATOMS_PER_DOT=launch.ATOMS_PER_DOT, EVEN_C=c_out_g % launch.BLOCK_C == 0, FLAT_DX=pixel_run(dx),
         WIDE=needs_wide_offsets(grad_y, atom_coeff, dx),
         DOT_PRECISION=dot_precision(dx.dtype), INTERPRETED=INTERPRETING,
     )

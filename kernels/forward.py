@@ -40,7 +40,7 @@ from atomconv.validation import AtomConvGeometry, output_layout, validate_atom_c
 
 from . import launch as launching
 from .configs import TileConfig, TileLaunch, arch_of, fit_tile_config, tile_candidates, default_config, tuned_config
-from .launch import INTERPRETING, Launch, check_runnable, dot_precision, flat_pixels, needs_wide_offsets, strides
+from .launch import INTERPRETING, Launch, check_runnable, dot_precision, pixel_run, needs_wide_offsets, strides
 from .tiles import (atom_times_features, coefficient_sum, offset, pixel_atoms, pixel_offset, pixel_tile, scaled_to_unit_l1,
                     tap_geometry)
 
@@ -66,7 +66,7 @@ def atom_conv2d_fwd_kernel(
 
     1-D grid of N * cdiv(H_out*W_out, BLOCK_P) * G * cdiv(C_out_g, BLOCK_O) programs; the
     output-channel tiles of one pixel tile are neighbours, so they find its x and β in L2.
-    EVEN_C: C_in_g is a multiple of BLOCK_C. FLAT_Y: y's pixels are one run (`tiles.pixel_offset`).
+    EVEN_C: C_in_g is a multiple of BLOCK_C. FLAT_Y: `launch.pixel_run` of y (nonzero: one run).
     WIDE: int64 offsets inside a sample.
     """
     PER_GROUP: tl.constexpr = (KH * KW + TAP_GROUPS - 1) // TAP_GROUPS
@@ -75,7 +75,7 @@ def atom_conv2d_fwd_kernel(
     pid = tl.program_id(0)
     pid_p, pid_go = pid // (G * num_o_tiles), pid % (G * num_o_tiles)
     group, pid_o = pid_go // num_o_tiles, pid_go % num_o_tiles
-    n, _, oh, ow, pix_mask = pixel_tile(pid_p, H_out, W_out, BLOCK_P, TAP_GROUPS)  # per column
+    n, _, oh, ow, pix_mask = pixel_tile(pid_p, H_out, W_out, BLOCK_P, TAP_GROUPS, 1)  # per column
     x_ptr += n * stride_x_n + offset(group * C_in_g, stride_x_c, WIDE)
     coeff_ptr += n * stride_coeff_n
     y_ptr += n * stride_y_n
@@ -111,7 +111,7 @@ def atom_conv2d_fwd_kernel(
     o_glob = group * C_out_g + o
     if bias_ptr is not None:
         acc += tl.load(bias_ptr + o_glob * stride_bias, mask=o_mask, other=0.0).to(tl.float32)[:, None]
-    _, pix, oh, ow, pix_mask = pixel_tile(pid_p, H_out, W_out, BLOCK_P, 1)  # per pixel
+    _, pix, oh, ow, pix_mask = pixel_tile(pid_p, H_out, W_out, BLOCK_P, 1, FLAT_Y)  # per pixel
     y_ptrs = y_ptr + offset(o_glob, stride_y_c, WIDE)[:, None] \
         + pixel_offset(pix, oh, ow, stride_y_h, stride_y_w, FLAT_Y, WIDE)[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=o_mask[:, None] & pix_mask[None, :])
@@ -134,7 +134,7 @@ def forward_kernel_args(x, atom_coeff, bases, weight, bias, y, geo: AtomConvGeom
         stride_bias=0 if bias is None else bias.stride(0), **strides("stride_y", "nchw", y),
         M=geo.num_atoms, L=geo.num_bases, KH=kh, KW=kw,
         BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
-        ATOMS_PER_DOT=launch.ATOMS_PER_DOT, EVEN_C=c_in_g % launch.BLOCK_C == 0, FLAT_Y=flat_pixels(y),
+        ATOMS_PER_DOT=launch.ATOMS_PER_DOT, EVEN_C=c_in_g % launch.BLOCK_C == 0, FLAT_Y=pixel_run(y),
         WIDE=needs_wide_offsets(x, atom_coeff, y),
         DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,
     )

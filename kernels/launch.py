@@ -9,9 +9,11 @@ launch (and for timing it), so a model on cuda:1 runs on cuda:1 while cuda:0 is 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
 import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
@@ -123,8 +125,12 @@ def needs_wide_offsets(*tensors: torch.Tensor) -> bool:
     return False
 
 
-def flat_pixels(t: torch.Tensor) -> bool:
-    """Whether the pixels of each (sample, channel) of an NCHW tensor t form one run: stride_h
-    is W * stride_w (contiguous NCHW, or any tensor of one row)."""
+def pixel_run(t: torch.Tensor) -> int:
+    """0 unless the pixels of each (sample, channel) of an NCHW tensor t form one run (stride_h
+    is W * stride_w: contiguous NCHW, or any tensor of one row); else the largest power of two
+    up to 8 that divides the run's length H * W, which a kernel's pixel tiles tell Triton
+    (`tiles.pixel_tile`) so that it moves that many pixels per access."""
     _, _, h, w = t.shape
-    return h == 1 or t.stride(2) == w * t.stride(3)
+    if not (h == 1 or t.stride(2) == w * t.stride(3)):
+        return 0
+    return math.gcd(h * w, 8)

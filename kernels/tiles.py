@@ -40,18 +40,23 @@ def offset(index, stride, WIDE: tl.constexpr):
 
 
 @triton.jit
-def pixel_tile(pid_p, H_out, W_out, BLOCK_P: tl.constexpr, TAP_GROUPS: tl.constexpr):
+def pixel_tile(pid_p, H_out, W_out, BLOCK_P: tl.constexpr, TAP_GROUPS: tl.constexpr, PIXEL_RUN: tl.constexpr):
     """Program id over (sample, pixel tile) -> n (int64 scalar), and pix (the pixel's index in
     the sample's H_out * W_out grid), oh, ow and the mask of the pixels inside that grid, for
     the TAP_GROUPS * BLOCK_P columns of a tile: column q holds pixel q % BLOCK_P of the tile
-    (TAP_GROUPS = 1: one column per pixel)."""
+    (TAP_GROUPS = 1: one column per pixel). PIXEL_RUN (`launch.pixel_run`; 0 or 1: none) divides
+    H_out * W_out: the mask is then constant over runs of that many pixels, which lets Triton
+    move them in one wide access."""
     tiles = tl.cdiv(H_out * W_out, BLOCK_P)
+    pixels = H_out * W_out
+    if PIXEL_RUN > 1:
+        pixels = tl.multiple_of(pixels, PIXEL_RUN)
     n, tile = pid_p // tiles, pid_p % tiles
     if TAP_GROUPS == 1:
         pix = tile * BLOCK_P + tl.arange(0, BLOCK_P)
     else:
         pix = tile * BLOCK_P + tl.arange(0, TAP_GROUPS * BLOCK_P) % BLOCK_P
-    return n.to(tl.int64), pix, pix // W_out, pix % W_out, pix < H_out * W_out
+    return n.to(tl.int64), pix, pix // W_out, pix % W_out, pix < pixels
 
 
 @triton.jit

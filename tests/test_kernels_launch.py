@@ -179,3 +179,21 @@ def test_runs_on_the_second_device_while_the_first_is_current():
         grads = kernels.atom_conv2d_backward(torch.ones_like(y), *inputs[:4], **kwargs)
     assert y.device == torch.device("cuda:1") and all(g.device == y.device for g in grads)
     assert_close(y, reference(inputs, kwargs), torch.float32)
+
+
+@pytest.mark.parametrize("shape, sliced, expected", [
+    ((2, 3, 7, 5), False, 1),   # 35 pixels: no run longer than one is safe to hint
+    ((2, 3, 6, 3), False, 2),
+    ((2, 3, 4, 3), False, 4),
+    ((2, 3, 56, 56), False, 8),  # 3136 = 8 * 392: capped at 8
+    ((2, 3, 1, 12), False, 4),
+    ((2, 3, 8, 8), True, 0),     # rows of a wider tensor: the pixels are not one run
+])
+def test_pixel_run_divides_the_pixel_count(shape, sliced, expected):
+    """The kernels tell Triton that H*W is a multiple of `pixel_run` (so masks are constant over
+    such runs): a value that does not divide H*W would let a wide access cross the last pixel."""
+    t = torch.empty(*shape[:3], 2 * shape[3])[..., : shape[3]] if sliced else torch.empty(shape)
+    run = launch.pixel_run(t)
+    assert run == expected
+    if run:
+        assert (shape[2] * shape[3]) % run == 0

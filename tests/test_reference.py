@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from atomconv import atom_conv2d
-from atomconv.reference import atom_conv2d_reference, atom_conv2d_reference_backward, chunk_bytes_per_row, chunk_plan
+from atomconv.reference import (Chunk, atom_conv2d_reference, atom_conv2d_reference_backward, chunk_bytes,
+                                chunk_plan)
 from atomconv.validation import validate_atom_conv2d
 
 from helpers import output_size, static_atom_problem
@@ -90,14 +91,41 @@ def _pixel_varying_problem(dtype=torch.float64, seed=2):
     return x, coeff, bases, weight, bias
 
 
-@pytest.mark.parametrize("max_chunk_bytes", [1, 4000, 20000, 10**9])
-def test_chunked_equals_one_chunk(max_chunk_bytes):
-    args = _pixel_varying_problem()
+def _budgets(geo, backward):
+    """Budgets that make chunk_plan take each of its shapes on geo (float64), with the plan's
+    chunk count: whole problem, two samples, one sample, two rows, one row, three columns, one
+    pixel (a budget below one pixel's temporaries)."""
+    (h, w) = geo.out_size
+
+    def cost(samples, rows, cols):
+        return chunk_bytes(geo, 8, samples, rows, cols, backward=backward, low_precision=False)
+
+    return {"whole": (cost(geo.batch, h, w), 1), "two_samples": (cost(2, h, w), 2), "sample": (cost(1, h, w), 3),
+            "two_rows": (cost(1, 2, w), 3 * 3), "row": (cost(1, 1, w), 3 * h), "three_columns": (cost(1, 1, 3), 3 * h * 2),
+            "pixel": (1, 3 * h * w)}
+
+
+@pytest.mark.parametrize("shape", ["whole", "two_samples", "sample", "two_rows", "row", "three_columns", "pixel"])
+def test_chunked_equals_one_chunk(shape):
+    args = _pixel_varying_problem()  # 3 samples, 6 x 5 outputs
     geo = validate_atom_conv2d(*args, 2, 1, 1, 2)
-    assert len(chunk_plan(geo, chunk_bytes_per_row(geo, 8), max_chunk_bytes)) == {1: 18, 4000: 9, 20000: 3, 10**9: 1}[max_chunk_bytes]
+    grad_y = torch.randn(3, 6, *geo.out_size, dtype=torch.float64)
     whole = atom_conv2d_reference(*args, geo, max_chunk_bytes=None)
-    chunked = atom_conv2d_reference(*args, geo, max_chunk_bytes=max_chunk_bytes)
-    torch.testing.assert_close(chunked, whole, rtol=1e-13, atol=1e-13)
+    whole_grads = atom_conv2d_reference_backward(grad_y, *args[:4], geo, (True,) * 4, max_chunk_bytes=None)
+    for backward in (False, True):
+        budget, chunks = _budgets(geo, backward)[shape]
+        plan = chunk_plan(geo, 8, budget, backward=backward)
+        assert len(plan) == chunks and sum(c.pixels for c in plan) == 3 * 6 * 5
+        if shape != "pixel":
+            assert all(chunk_bytes(geo, 8, c.n1 - c.n0, c.r1 - c.r0, c.c1 - c.c0, backward=backward,
+                                   low_precision=False) <= budget for c in plan)
+        if backward:
+            grads = atom_conv2d_reference_backward(grad_y, *args[:4], geo, (True,) * 4, max_chunk_bytes=budget)
+            for name, g, e in zip(("x", "atom_coeff", "bases", "weight"), grads, whole_grads):
+                torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=lambda m: f"d {name}: {m}")
+        else:
+            torch.testing.assert_close(atom_conv2d_reference(*args, geo, max_chunk_bytes=budget), whole,
+                                       rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES[::3], ids=_ids)
@@ -134,7 +162,8 @@ def test_hand_written_backward_computes_only_what_is_asked(needs):
 def test_gradcheck_every_input(rows_per_chunk):
     args = [t.requires_grad_() for t in _pixel_varying_problem()]
     geo = validate_atom_conv2d(*args, 2, 1, 1, 2)
-    max_chunk_bytes = rows_per_chunk and rows_per_chunk * chunk_bytes_per_row(geo, 8)  # 2 chunks a sample
+    max_chunk_bytes = rows_per_chunk and chunk_bytes(geo, 8, 1, rows_per_chunk, geo.out_size[1], backward=False,
+                                                     low_precision=False)  # 2 chunks a sample
     assert torch.autograd.gradcheck(lambda *a: atom_conv2d_reference(*a, geo, max_chunk_bytes=max_chunk_bytes), args)
 
 

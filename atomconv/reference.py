@@ -1,27 +1,31 @@
 """Reference ACDA operator in plain PyTorch (SPEC §1): the readable path and the CPU path.
 
-The three stages, per chunk of output pixels (P pixels: n samples x h rows x w columns):
+The three stages, per chunk of output pixels p (and taps t = (i, j), KH*KW of them):
 
-1. basis-to-atom        A[t, p, m]  = sum_l Psi[l, t] * beta[l, p, m]           (one GEMM)
-2. atom-times-features  Z[p, m, c]  = sum_t A[t, p, m] * x_t[p, c]               (a loop over taps)
-3. coefficient sum      y[o, p]     = bias[o] + sum_{c in group(o), m} weight[o, c, m] * Z[p, m, c]
+1. basis-to-atom        A[p, m, t]  = sum_l beta[l, p, m] * Psi[l, t]            (one GEMM)
+2. atom-times-features  Z[p, m, c]  = sum_t A[p, m, t] * x_t[p, c]               (batched GEMMs)
+3. coefficient sum      y[p, o]     = bias[o] + sum_{c in group(o), m} weight[o, c, m] * Z[p, m, c]
 
-where t = (i, j) runs over the KH*KW taps and x_t[p, c] is the input pixel that tap reads for
-output pixel p (zero in the padding). Why it is laid out this way: stage 2 is one broadcast
-multiply-add per tap over the whole chunk (no unfolded copy of x, no per-pixel tiny matrix
-products), on pixel-major tensors whose innermost dimension is the channels, so each pass
-streams contiguous memory; stages 1 and 3 are GEMMs, stage 3 written straight into y.
+where x_t[p, c] is the input pixel tap t reads for output pixel p (zero in the padding).
+
+Why it is laid out this way. The chunk's input is copied once into a zero-padded, pixel-major
+window (channels innermost). In that window the taps of one kernel row i, for one output pixel,
+are KW vectors a fixed step apart, and consecutive output pixels of a row are a fixed step
+apart too; laying the chunk's output pixels out on a "virtual grid" whose rows are as long as
+a window row allows (a few columns past the last output column are computed and discarded),
+every pixel of a sample is one fixed step further into the window. So x_t for a whole kernel
+row is a strided view of the window ([pixels, KW, C], no copy), and stage 2 is, per sample and
+kernel row, one batched product of [M, KW] by [KW, C] matrices; stages 1 and 3 are GEMMs.
+The virtual grid's extra columns have zero coefficients, hence zero atoms, Z and gradients.
 
 Chunks (whole samples; else rows of one sample; else pieces of one row) keep every temporary
 of a chunk, forward or backward, within `max_chunk_bytes` (`chunk_bytes` counts them); the
-default is also small enough to keep a chunk's Z near the CPU's caches, which is where most of
-the speed comes from. The backward (`atom_conv2d_reference_backward`) is written by hand, chunk
-by chunk like the forward: per chunk, with dZ = dy . weight (a GEMM),
-    d weight += dy^T . Z;   dA[t, p, m] = sum_c dZ[p, m, c] x_t[p, c];   dx_t += sum_m dZ A[t];
-    d beta = Psi . dA;      d Psi += beta . dA^T.
-dA is computed a kernel row at a time as a batched product over pixels of [KW, C] by [C, M]
-matrices (the taps of one kernel row gathered side by side), which is several times faster than
-multiplying and summing per tap.
+default is also small enough to keep a chunk near the CPU's caches, which is where much of the
+speed comes from. The backward (`atom_conv2d_reference_backward`) is written by hand, chunk by
+chunk like the forward: with dZ = dy . weight (a GEMM),
+    d weight += dy^T . Z;   dA[p, m, t] = sum_c dZ[p, m, c] x_t[p, c];   dx_t += sum_m A[., ., t] dZ;
+    d beta = Psi . dA;      d Psi += beta . dA^T,
+dA by the same batched products as stage 2, dx_t by one broadcast multiply-add per tap and atom.
 """
 
 from __future__ import annotations
@@ -39,6 +43,13 @@ DEFAULT_MAX_CHUNK_BYTES = 16 * 2**20
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype (SPEC §6): float32 for 16-bit inputs, else the input's own."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def basis_to_atom(atom_coeff: torch.Tensor, bases: torch.Tensor, num_atoms: int) -> torch.Tensor:
+    """Stage 1 on its own. atom_coeff [n, M*L, h, w], bases [L, KH, KW] -> atoms [KH*KW, n, h, w, M]."""
+    n, _, h, w = atom_coeff.shape
+    beta = atom_coeff.reshape(n, num_atoms, bases.shape[0], h, w)
+    return torch.einsum("nmlhw,lt->tnhwm", beta, bases.flatten(1))
 
 
 @dataclass(frozen=True)
@@ -61,37 +72,70 @@ class Chunk:
         return (self.n1 - self.n0) * (self.r1 - self.r0) * (self.c1 - self.c0)
 
 
-def _input_span(first: int, end: int, size: int, kernel: int, stride: int, padding: int, dilation: int):
-    """Output positions [first, end) along one axis read input positions [lo, hi) of the padded
-    axis: (hi - lo, the image's part of them as an input slice, the same part as a slice of the
-    window [lo, hi)). The image part may be empty (a window wholly in the padding)."""
+def _image_part(first: int, end: int, size: int, kernel: int, stride: int, padding: int, dilation: int):
+    """Output positions [first, end) along one axis read the padded axis's positions [lo, hi):
+    the image's part of them, as a slice of the input and as a slice of [lo, hi) (empty when
+    those positions lie wholly in the padding)."""
     lo, hi = first * stride - padding, (end - 1) * stride - padding + dilation * (kernel - 1) + 1
     start = max(lo, 0)
     stop = max(min(hi, size), start)
-    return hi - lo, slice(start, stop), slice(start - lo, stop - lo)
+    return slice(start, stop), slice(start - lo, stop - lo)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a chunk of n x h x w output pixels lives. Its input window is
+    [n, rows_in, row_pitch, C_in]: the rows_in rows and (at least) the columns its pixels read,
+    padding included, columns past those zero. Its virtual grid is [n, h, virtual_width]:
+    virtual pixel (r, v) of a sample reads, for tap (0, 0), window element
+    (r * virtual_width + v) * stride_w of that sample (in pixels), i.e. column v * stride_w of
+    window row r * stride_h, so one step per pixel covers all its pixels. Columns v < w are the
+    chunk's; the rest are computed and discarded. The taps reach only the first
+    `reach` = (h - 1) * virtual_width + w virtual pixels of a sample (the rest would read past
+    its window)."""
+
+    n: int
+    h: int
+    w: int
+    rows_in: int
+    row_pitch: int
+    virtual_width: int
+
+    @classmethod
+    def of(cls, geo: AtomConvGeometry, samples: int, rows: int, cols: int) -> Layout:
+        (kh, kw), (sh, sw), (dh, dw) = geo.kernel_size, geo.stride, geo.dilation
+        row_pitch = (cols - 1) * sw + dw * (kw - 1) + 1  # the columns read
+        while sh * row_pitch % sw:  # a window row must be a whole number of virtual pixel steps
+            row_pitch += 1
+        return cls(samples, rows, cols, (rows - 1) * sh + dh * (kh - 1) + 1, row_pitch, sh * row_pitch // sw)
+
+    @property
+    def virtual_pixels(self) -> int:
+        return self.n * self.h * self.virtual_width
+
+    @property
+    def reach(self) -> int:
+        return (self.h - 1) * self.virtual_width + self.w
 
 
 def chunk_bytes(geo: AtomConvGeometry, element_size: int, samples: int, rows: int, cols: int, *,
-                backward: bool, low_precision: bool) -> int:
+                backward: bool) -> int:
     """Bytes of every temporary of one chunk of samples x rows x cols output pixels, as
     `atom_conv2d_reference` (backward=False) or `atom_conv2d_reference_backward` allocates
-    them; `low_precision`: the inputs are 16-bit, so y (or dy) is converted through a float32
-    copy. Outputs (y; the gradients) are not temporaries and are not counted."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geo.kernel_size, geo.stride, geo.padding, geo.dilation
-    rows_in = _input_span(0, rows, geo.in_size[0], kh, sh, ph, dh)[0]
-    cols_in = _input_span(0, cols, geo.in_size[1], kw, sw, pw, dw)[0]
-    window = samples * rows_in * cols_in * geo.in_channels  # the chunk's padded input (and, backward, its dx)
-    m, taps, c_in = geo.num_atoms, kh * kw, geo.in_channels
-    per_pixel = m * geo.num_bases + taps * m + m * c_in  # beta, atoms, Z (backward: Z, then dZ in its place)
+    them (outputs, y or the gradients, are not temporaries)."""
+    layout = Layout.of(geo, samples, rows, cols)
+    m, taps, c_in, c_out = geo.num_atoms, geo.kernel_size[0] * geo.kernel_size[1], geo.in_channels, geo.out_channels
+    window = samples * layout.rows_in * layout.row_pitch * c_in  # the padded input (backward: and its dx)
+    # Per virtual pixel: beta, atoms, Z (backward: then dZ in its place), y (backward: dy); with
+    # groups, the einsums of stage 3 take a permuted copy of Z and of y; the backward adds dA.
+    per_pixel = m * geo.num_bases + taps * m + m * c_in + c_out + (m * c_in + c_out if geo.groups > 1 else 0)
     if backward:
-        per_pixel += taps * m + kw * (c_in + (geo.groups + 1) * m) + geo.out_channels  # dA, a kernel row's taps and dA, dy
-    elif low_precision:
-        per_pixel += geo.out_channels  # y in float32
-    return element_size * ((2 if backward else 1) * window + samples * rows * cols * per_pixel)
+        per_pixel += taps * m
+    return element_size * ((2 if backward else 1) * window + layout.virtual_pixels * per_pixel)
 
 
-def chunk_plan(geo: AtomConvGeometry, element_size: int, max_chunk_bytes: int | None, *, backward: bool,
-               low_precision: bool = False) -> list[Chunk]:
+def chunk_plan(geo: AtomConvGeometry, element_size: int, max_chunk_bytes: int | None, *,
+               backward: bool) -> list[Chunk]:
     """Chunks covering the output, each within `max_chunk_bytes` by `chunk_bytes`: as many
     whole samples as fit, else as many rows of one sample, else as many columns of one row
     (at least one pixel a chunk). None means one chunk. An empty batch still gets one (empty)
@@ -101,8 +145,7 @@ def chunk_plan(geo: AtomConvGeometry, element_size: int, max_chunk_bytes: int | 
         return [Chunk(0, n_all, 0, h_out, 0, w_out)]
 
     def fits(samples: int, rows: int, cols: int) -> bool:
-        cost = chunk_bytes(geo, element_size, samples, rows, cols, backward=backward, low_precision=low_precision)
-        return cost <= max_chunk_bytes
+        return chunk_bytes(geo, element_size, samples, rows, cols, backward=backward) <= max_chunk_bytes
 
     def most(limit: int, fit) -> int:  # the largest k in [1, limit] with fit(k), else 1 (fit is monotone)
         return max(1, bisect.bisect_right(range(1, limit + 1), False, key=lambda k: not fit(k)))
@@ -119,92 +162,81 @@ def chunk_plan(geo: AtomConvGeometry, element_size: int, max_chunk_bytes: int | 
             for n in range(n_all) for r in range(h_out) for c0 in range(0, w_out, cols)]
 
 
-def input_window(x: torch.Tensor, geo: AtomConvGeometry, chunk: Chunk,
+def input_window(x: torch.Tensor, geo: AtomConvGeometry, chunk: Chunk, layout: Layout,
                  ctype: torch.dtype) -> tuple[torch.Tensor, tuple[slice, slice], tuple[slice, slice]]:
-    """The input pixels the chunk reads, as x_window [n, rows_in, cols_in, C_in] in ctype,
+    """The input pixels the chunk reads, as x_window [n, rows_in, row_pitch, C_in] in ctype,
     zero outside the image; and where the image part sits: (rows, cols) slices of x (dims 2, 3)
     and the same (rows, cols) slices of x_window (dims 1, 2)."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geo.kernel_size, geo.stride, geo.padding, geo.dilation
-    rows_in, image_rows, window_rows = _input_span(chunk.r0, chunk.r1, geo.in_size[0], kh, sh, ph, dh)
-    cols_in, image_cols, window_cols = _input_span(chunk.c0, chunk.c1, geo.in_size[1], kw, sw, pw, dw)
-    x_window = x.new_zeros((chunk.n1 - chunk.n0, rows_in, cols_in, geo.in_channels), dtype=ctype)
+    image_rows, window_rows = _image_part(chunk.r0, chunk.r1, geo.in_size[0], kh, sh, ph, dh)
+    image_cols, window_cols = _image_part(chunk.c0, chunk.c1, geo.in_size[1], kw, sw, pw, dw)
+    x_window = x.new_zeros((layout.n, layout.rows_in, layout.row_pitch, geo.in_channels), dtype=ctype)
     x_window[:, window_rows, window_cols] = x[chunk.n0 : chunk.n1, :, image_rows, image_cols].permute(0, 2, 3, 1)
     return x_window, (image_rows, image_cols), (window_rows, window_cols)
 
 
-def chunk_atoms(atom_coeff: torch.Tensor, bases: torch.Tensor, num_atoms: int,
+def kernel_row_taps(window: torch.Tensor, geo: AtomConvGeometry, layout: Layout, sample: int, i: int) -> torch.Tensor:
+    """The KW taps of kernel row i for the first `reach` virtual pixels of one sample, as a
+    strided view of window [n, rows_in, row_pitch, C] (no copy; rows overlap): [reach, KW, C]."""
+    c = window.shape[3]
+    (_, sw), (dh, dw) = geo.stride, geo.dilation
+    first = window.storage_offset() + window.stride(0) * sample + i * dh * layout.row_pitch * c
+    return window.as_strided((layout.reach, geo.kernel_size[1], c), (sw * c, dw * c, 1), first)
+
+
+def tap_of_all_samples(window: torch.Tensor, geo: AtomConvGeometry, layout: Layout, t: int) -> torch.Tensor:
+    """Tap t of every sample for its first `reach` virtual pixels: [n, reach, C], a strided view of window."""
+    c, kw = window.shape[3], geo.kernel_size[1]
+    (_, sw), (dh, dw) = geo.stride, geo.dilation
+    first = window.storage_offset() + ((t // kw) * dh * layout.row_pitch + (t % kw) * dw) * c
+    return window.as_strided((layout.n, layout.reach, c), (window.stride(0), sw * c, 1), first)
+
+
+def chunk_atoms(atom_coeff: torch.Tensor, bases: torch.Tensor, layout: Layout,
                 ctype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage 1. atom_coeff [n, M*L, h, w] (any strides), bases [L, KH, KW] -> (beta
-    [L, n, h, w, M], the coefficients pixel-major in ctype; atoms [KH*KW, n, h, w, M])."""
+    """Stage 1 on the virtual grid. atom_coeff [n, M*L, h, w] (the chunk's part), bases [L, KH, KW]
+    -> (beta [L, n, h, virtual_width, M] in ctype, zero on the extra columns; atoms
+    [n, h * virtual_width, M, KH*KW])."""
     n, _, h, w = atom_coeff.shape
     num_bases = bases.shape[0]
-    beta = atom_coeff.new_empty((num_bases, n, h, w, num_atoms), dtype=ctype)
-    beta.copy_(atom_coeff.unflatten(1, (num_atoms, num_bases)).permute(2, 0, 3, 4, 1))
-    atoms = torch.mm(bases.flatten(1).t().to(ctype), beta.view(num_bases, -1))
-    return beta, atoms.view(bases.shape[1] * bases.shape[2], n, h, w, num_atoms)
+    m = atom_coeff.shape[1] // num_bases
+    beta = atom_coeff.new_zeros((num_bases, n, h, layout.virtual_width, m), dtype=ctype)
+    beta[:, :, :, :w] = atom_coeff.unflatten(1, (m, num_bases)).permute(2, 0, 3, 4, 1)
+    atoms = torch.mm(beta.flatten(1).t(), bases.flatten(1).to(ctype))
+    return beta, atoms.view(n, h * layout.virtual_width, m, bases[0].numel())
 
 
-def basis_to_atom(atom_coeff: torch.Tensor, bases: torch.Tensor, num_atoms: int) -> torch.Tensor:
-    """Stage 1 alone. atom_coeff [n, M*L, h, w], bases [L, KH, KW] -> atoms [KH*KW, n, h, w, M]."""
-    return chunk_atoms(atom_coeff, bases, num_atoms, atom_coeff.dtype)[1]
-
-
-def _tap(x_window: torch.Tensor, geo: AtomConvGeometry, i: int, j: int, h: int, w: int) -> torch.Tensor:
-    """The window pixels tap (i, j) reads for the chunk's h x w output pixels: [n, h, w, C_in] (a view)."""
-    (sh, sw), (dh, dw) = geo.stride, geo.dilation
-    return x_window[:, i * dh : i * dh + (h - 1) * sh + 1 : sh, j * dw : j * dw + (w - 1) * sw + 1 : sw]
-
-
-def atom_times_features(x_window: torch.Tensor, atoms: torch.Tensor, geo: AtomConvGeometry) -> torch.Tensor:
-    """Stage 2. x_window [n, rows_in, cols_in, C_in] (as `input_window`), atoms
-    [KH*KW, n, h, w, M] -> Z [n, h, w, G, M, C_in/G]."""
-    _, n, h, w, m = atoms.shape
+def atom_times_features(x_window: torch.Tensor, atoms: torch.Tensor, geo: AtomConvGeometry,
+                        layout: Layout) -> torch.Tensor:
+    """Stage 2. x_window [n, rows_in, row_pitch, C_in] (`input_window`), atoms
+    [n, h * virtual_width, M, KH*KW] (`chunk_atoms`) -> Z [n, h * virtual_width, M, C_in], zero
+    past `reach`. Per sample and kernel row, one batched [M, KW] x [KW, C_in] product over pixels."""
     kh, kw = geo.kernel_size
-    z = None
-    for i in range(kh):
-        for j in range(kw):
-            tap = _tap(x_window, geo, i, j, h, w).unflatten(3, (geo.groups, 1, -1))  # [n, h, w, G, 1, C_in/G]
-            atom = atoms[i * kw + j].view(n, h, w, 1, m, 1)
-            z = tap * atom if z is None else z.addcmul_(tap, atom)
+    reach = layout.reach
+    z = x_window.new_zeros((*atoms.shape[:3], x_window.shape[3]))
+    for sample in range(layout.n):
+        for i in range(kh):
+            z[sample, :reach].baddbmm_(atoms[sample, :reach, :, i * kw : (i + 1) * kw],
+                                       kernel_row_taps(x_window, geo, layout, sample, i))
     return z
 
 
 def grouped_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """weight [C_out, C_in/G, M] -> [G, C_out/G, M*C_in/G], columns in Z's (m, c) order."""
+    """weight [C_out, C_in/G, M] -> [G, C_out/G, M, C_in/G], Z's (m, c) order within each group."""
     c_out, c_in_g, m = weight.shape
-    return weight.view(groups, c_out // groups, c_in_g, m).transpose(2, 3).reshape(groups, c_out // groups, -1)
+    return weight.view(groups, c_out // groups, c_in_g, m).transpose(2, 3)
 
 
-def _per_sample_and_group(z: torch.Tensor, grid: torch.Tensor, out_per_group: int):
-    """The operands of stage 3's GEMMs and of their gradients: for each sample and group, (g,
-    its channel slice, Z of that sample and group [h*w, M*C_in/G], `grid`'s part of that sample
-    and group [C/G, h, w]). grid [n, C, h, w] is the chunk's part of an output-grid tensor."""
-    n, h, w, groups = z.shape[:4]
-    for sample in range(n):
-        z_sample = z[sample].view(h * w, groups, -1)
-        for g in range(groups):
-            channels = slice(g * out_per_group, (g + 1) * out_per_group)
-            yield g, channels, z_sample[:, g], grid[sample, channels]
-
-
-def coefficient_sum(z: torch.Tensor, weight_g: torch.Tensor, bias: torch.Tensor | None,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
-    """Stage 3. Z [n, h, w, G, M, C_in/G], weight_g [G, C_out/G, M*C_in/G] (`grouped_weight`),
-    bias [C_out] or None -> y [n, C_out, h, w] in Z's dtype. With `out` (a view of y whose
-    (h, w) flatten to one dimension: whole rows, or one row, as `chunk_plan` makes them) the
-    GEMMs write y there, with no copy; without it (needed under autograd) y is a new tensor."""
-    if out is None:
-        n, h, w, groups, m, c_in_g = z.shape
-        y = torch.einsum("pgk,gok->pgo", z.reshape(-1, groups, m * c_in_g), weight_g).reshape(n, h, w, -1)
-        return (y if bias is None else y + bias).permute(0, 3, 1, 2)
-    out_per_group = weight_g.shape[1]
-    for g, channels, z_g, out_g in _per_sample_and_group(z, out, out_per_group):
-        out_g = out_g.view(out_per_group, -1)  # [C_out/G, h*w], still a view of y
-        if bias is None:
-            torch.mm(weight_g[g], z_g.t(), out=out_g)
-        else:
-            torch.addmm(bias[channels, None], weight_g[g], z_g.t(), out=out_g)
-    return out
+def coefficient_sum(z: torch.Tensor, weight_g: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Stage 3. Z [q, M, C_in] (q pixels), weight_g [G, C_out/G, M, C_in/G] (`grouped_weight`),
+    bias [C_out] or None -> y [q, C_out]."""
+    groups, out_per_group, m, c_in_g = weight_g.shape
+    if groups == 1:
+        weight_t = weight_g.reshape(out_per_group, -1).t()
+        z = z.reshape(z.shape[0], -1)
+        return torch.mm(z, weight_t) if bias is None else torch.addmm(bias, z, weight_t)
+    y = torch.einsum("qmgc,gomc->qgo", z.view(z.shape[0], m, groups, c_in_g), weight_g).flatten(1)
+    return y if bias is None else y + bias
 
 
 def atom_conv2d_reference(
@@ -232,22 +264,18 @@ def atom_conv2d_reference(
     )
     weight_g = grouped_weight(weight.to(ctype), geo.groups)
     bias = None if bias is None else bias.to(ctype)
-    low_precision = ctype != x.dtype
-    differentiated = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, atom_coeff, bases, weight, bias))
-    def forward_chunk(chunk: Chunk) -> None:  # a function, so that the chunk's tensors die with it
-        x_window, _, _ = input_window(x, geo, chunk, ctype)
-        z = atom_times_features(x_window, chunk_atoms(chunk.of(atom_coeff), bases, geo.num_atoms, ctype)[1], geo)
-        del x_window  # stage 3 does not need it: free it before stage 3 may allocate
-        if differentiated:
-            chunk.of(y).copy_(coefficient_sum(z, weight_g, bias))
-        elif low_precision:  # the GEMMs accumulate in float32: through a float32 copy of the chunk's y
-            chunk.of(y).copy_(coefficient_sum(z, weight_g, bias, out=z.new_empty(chunk.of(y).shape)))
-        else:
-            coefficient_sum(z, weight_g, bias, out=chunk.of(y))
 
-    for chunk in chunk_plan(geo, torch.finfo(ctype).bits // 8, max_chunk_bytes, backward=False,
-                            low_precision=low_precision):
+    def forward_chunk(chunk: Chunk) -> None:  # a function, so that the chunk's tensors die with it
+        layout = Layout.of(geo, chunk.n1 - chunk.n0, chunk.r1 - chunk.r0, chunk.c1 - chunk.c0)
+        x_window, _, _ = input_window(x, geo, chunk, layout, ctype)
+        z = atom_times_features(x_window, chunk_atoms(chunk.of(atom_coeff), bases, layout, ctype)[1], geo, layout)
+        del x_window  # stage 3 does not need it: free it first
+        y_virtual = coefficient_sum(z.view(layout.virtual_pixels, *z.shape[2:]), weight_g, bias)
+        del z
+        y_virtual = y_virtual.view(layout.n, layout.h, layout.virtual_width, geo.out_channels)[:, :, : layout.w]
+        chunk.of(y).copy_(y_virtual.permute(0, 3, 1, 2))
+
+    for chunk in chunk_plan(geo, torch.finfo(ctype).bits // 8, max_chunk_bytes, backward=False):
         forward_chunk(chunk)
     return y
 
@@ -279,74 +307,70 @@ def atom_conv2d_reference_backward(
     need_atoms_grad = need_coeff or need_bases
     ctype = compute_dtype(x.dtype)
     (kh, kw), m, groups = geo.kernel_size, geo.num_atoms, geo.groups
-    c_in_g, out_per_group = geo.in_channels // groups, geo.out_channels // groups
-    bases_c = bases.to(ctype).flatten(1)  # [L, KH*KW]
-    weight_g = grouped_weight(weight.to(ctype), groups)  # [G, C_out/G, M*C_in/G]
+    bases_c = bases.to(ctype)  # [L, KH, KW]
+    weight_g = grouped_weight(weight.to(ctype), groups)  # [G, C_out/G, M, C_in/G]
     dx = torch.zeros_like(x, dtype=ctype, memory_format=output_layout(x)) if need_x else None
     dcoeff = torch.empty_like(atom_coeff, dtype=ctype, memory_format=output_layout(atom_coeff)) if need_coeff else None
-    dbases = bases_c.new_zeros(bases_c.shape) if need_bases else None
-    dweight = weight_g.new_zeros(weight_g.shape) if need_weight else None
+    dbases = torch.zeros_like(bases_c) if need_bases else None
+    dweight_g = torch.zeros_like(weight_g) if need_weight else None  # [G, C_out/G, M, C_in/G]
 
     def backward_chunk(chunk: Chunk) -> None:  # a function, so that the chunk's tensors die with it
-        x_window, image, window = input_window(x, geo, chunk, ctype)
-        beta, atoms = chunk_atoms(chunk.of(atom_coeff), bases, m, ctype)  # [L, n, h, w, M], [T, n, h, w, M]
-        _, n, h, w, _ = atoms.shape
-        dy = chunk.of(grad_y).to(ctype)  # [n, C_out, h, w]
+        layout = Layout.of(geo, chunk.n1 - chunk.n0, chunk.r1 - chunk.r0, chunk.c1 - chunk.c0)
+        q, reach = layout.virtual_pixels, layout.reach
+        x_window, image, window = input_window(x, geo, chunk, layout, ctype)
+        beta, atoms = chunk_atoms(chunk.of(atom_coeff), bases_c, layout, ctype)  # [L, n, h, V, M], [n, h*V, M, T]
+        dy = x_window.new_zeros((layout.n, layout.h, layout.virtual_width, geo.out_channels))
+        dy[:, :, : layout.w] = chunk.of(grad_y).permute(0, 2, 3, 1)
+        dy = dy.view(q, groups, geo.out_channels // groups)
         if need_weight:
-            z = atom_times_features(x_window, atoms, geo)
-            for g, _, z_g, dy_g in _per_sample_and_group(z, dy, out_per_group):
-                dweight[g].addmm_(dy_g.reshape(out_per_group, -1), z_g)
+            z = atom_times_features(x_window, atoms, geo, layout).view(q, m, groups, geo.in_channels // groups)
+            dweight_g.add_(torch.einsum("qgo,qmgc->gomc", dy, z))
         if not (need_x or need_atoms_grad):
             return
-        dz = z if need_weight else x_window.new_empty((n, h, w, groups, m, c_in_g))  # dZ takes Z's memory
-        for g, _, dz_g, dy_g in _per_sample_and_group(dz, dy, out_per_group):
-            torch.mm(dy_g.reshape(out_per_group, -1).t(), weight_g[g], out=dz_g)
+        # dZ = dy . weight, in Z's memory (zero past `reach`, where dy is zero).
+        dz = z if need_weight else x_window.new_empty((q, m, groups, geo.in_channels // groups))
+        if groups == 1:
+            torch.mm(dy.flatten(1), weight_g.flatten(2).squeeze(0), out=dz.flatten(1))
+        else:
+            dz.copy_(torch.einsum("qgo,gomc->qmgc", dy, weight_g))
         del dy
-        if need_atoms_grad:
-            datoms = atoms_gradient(x_window, dz, geo)  # [T, n, h, w, M]
+        dz = dz.view(*atoms.shape[:3], geo.in_channels)  # [n, h*V, M, C_in]
+        if need_atoms_grad:  # dA [KH, n, h*V, M, KW], zero past `reach`
+            datoms = dz.new_zeros((kh, *atoms.shape[:3], kw))
+            for sample in range(layout.n):
+                for i in range(kh):
+                    torch.bmm(dz[sample, :reach], kernel_row_taps(x_window, geo, layout, sample, i).transpose(1, 2),
+                              out=datoms[i, sample, :reach])
         if need_x:
             dx_window = torch.zeros_like(x_window)
+            dz_by_atom = dz[:, :reach].unbind(2)  # M x [n, reach, C_in]
             for t in range(kh * kw):
-                dx_tap = _tap(dx_window, geo, t // kw, t % kw, h, w).unflatten(3, (groups, -1))  # [n, h, w, G, C_in/G]
-                for a in range(m):
-                    dx_tap.addcmul_(dz[:, :, :, :, a], atoms[t, ..., a, None, None])
+                dx_tap = tap_of_all_samples(dx_window, geo, layout, t)  # [n, reach, C_in]
+                for dz_a, atom in zip(dz_by_atom, atoms[:, :reach, :, t, None].unbind(2)):
+                    dx_tap.addcmul_(dz_a, atom)
             (image_rows, image_cols), (window_rows, window_cols) = image, window
             dx[chunk.n0 : chunk.n1, :, image_rows, image_cols].add_(
                 dx_window[:, window_rows, window_cols].permute(0, 3, 1, 2))
-        if need_bases:  # d Psi[l, t] += sum over pixels and atoms of beta[l, .] dA[t, .]
-            dbases.addmm_(beta.view(beta.shape[0], -1), datoms.view(kh * kw, -1).t())
-        if need_coeff:  # d beta[l, p, m] = sum_t Psi[l, t] dA[t, p, m], in beta's memory
-            torch.mm(bases_c, datoms.view(kh * kw, -1), out=beta.view(beta.shape[0], -1))
-            chunk.of(dcoeff).unflatten(1, (m, -1)).permute(2, 0, 3, 4, 1).copy_(beta)
+            del dx_window
+        del x_window, dz
+        if need_bases:  # d Psi[l, i, j] += sum over pixels and atoms of beta[l, .] dA[i, ., j]
+            for i in range(kh):
+                dbases[:, i].addmm_(beta.flatten(1), datoms[i].flatten(0, 2))
+        if need_coeff:  # d beta[l, p, m] = sum_t Psi[l, t] dA[p, m, t], in beta's memory
+            beta_flat = beta.flatten(1)  # a view: beta is contiguous
+            for i in range(kh):
+                if i == 0:
+                    torch.mm(bases_c[:, i], datoms[i].flatten(0, 2).t(), out=beta_flat)
+                else:
+                    beta_flat.addmm_(bases_c[:, i], datoms[i].flatten(0, 2).t())
+            chunk.of(dcoeff).unflatten(1, (m, -1)).permute(2, 0, 3, 4, 1).copy_(beta[:, :, :, : layout.w])
 
-    for chunk in chunk_plan(geo, torch.finfo(ctype).bits // 8, max_chunk_bytes, backward=True,
-                            low_precision=ctype != x.dtype):
+    for chunk in chunk_plan(geo, torch.finfo(ctype).bits // 8, max_chunk_bytes, backward=True):
         backward_chunk(chunk)
 
-    c_out, c_in_g = weight.shape[:2]
     return [
         None if dx is None else dx.to(x.dtype),
         None if dcoeff is None else dcoeff.to(atom_coeff.dtype),
-        None if dbases is None else dbases.view(bases.shape).to(bases.dtype),
-        None if dweight is None else dweight.view(c_out, m, c_in_g).transpose(1, 2).to(weight.dtype),
+        None if dbases is None else dbases.to(bases.dtype),
+        None if dweight_g is None else dweight_g.transpose(2, 3).reshape(weight.shape).to(weight.dtype),
     ]
-
-
-def atoms_gradient(x_window: torch.Tensor, dz: torch.Tensor, geo: AtomConvGeometry) -> torch.Tensor:
-    """dA[t, p, m] = sum_c dZ[p, m, c] x_t[p, c] (summed within each group, then over groups).
-    x_window [n, rows_in, cols_in, C_in], dZ [n, h, w, G, M, C_in/G] -> dA [KH*KW, n, h, w, M].
-
-    A kernel row at a time: its KW taps gathered into one [P, G, KW, C_in/G] tensor, then one
-    batched matrix product over the P pixels (and G groups) of [KW, C_in/G] by [C_in/G, M]."""
-    n, h, w, groups, m, c_in_g = dz.shape
-    kh, kw = geo.kernel_size
-    pixels = n * h * w
-    datoms = dz.new_empty((kh * kw, n, h, w, m))
-    row_taps = dz.new_empty((n, h, w, groups, kw, c_in_g))
-    dz_t = dz.view(pixels * groups, m, c_in_g).transpose(1, 2)  # [P*G, C_in/G, M]
-    for i in range(kh):
-        for j in range(kw):
-            row_taps[:, :, :, :, j] = _tap(x_window, geo, i, j, h, w).unflatten(3, (groups, -1))
-        per_group = torch.bmm(row_taps.view(pixels * groups, kw, c_in_g), dz_t)  # [P*G, KW, M]
-        datoms[i * kw : (i + 1) * kw] = per_group.view(n, h, w, groups, kw, m).sum(3).permute(3, 0, 1, 2, 4)
-    return datoms

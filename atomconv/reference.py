@@ -124,13 +124,14 @@ def chunk_bytes(geo: AtomConvGeometry, element_size: int, samples: int, rows: in
     `atom_conv2d_reference` (backward=False) or `atom_conv2d_reference_backward` allocates
     them (outputs, y or the gradients, are not temporaries)."""
     layout = Layout.of(geo, samples, rows, cols)
-    m, taps, c_in, c_out = geo.num_atoms, geo.kernel_size[0] * geo.kernel_size[1], geo.in_channels, geo.out_channels
+    m, kw, c_in, c_out = geo.num_atoms, geo.kernel_size[1], geo.in_channels, geo.out_channels
     window = samples * layout.rows_in * layout.row_pitch * c_in  # the padded input (backward: and its dx)
-    # Per virtual pixel: beta, atoms, Z (backward: then dZ in its place), y (backward: dy); with
-    # groups, the einsums of stage 3 take a permuted copy of Z and of y; the backward adds dA.
-    per_pixel = m * geo.num_bases + taps * m + m * c_in + c_out + (m * c_in + c_out if geo.groups > 1 else 0)
+    # Per virtual pixel: beta, one kernel row's atoms, Z (backward: then dZ in its place), y
+    # (backward: dy); with groups, the einsums of stage 3 take a permuted copy of Z and of y; the
+    # backward adds d beta and one kernel row's dA.
+    per_pixel = m * geo.num_bases + kw * m + m * c_in + c_out + (m * c_in + c_out if geo.groups > 1 else 0)
     if backward:
-        per_pixel += taps * m
+        per_pixel += m * geo.num_bases + kw * m
     return element_size * ((2 if backward else 1) * window + layout.virtual_pixels * per_pixel)
 
 
@@ -175,50 +176,72 @@ def input_window(x: torch.Tensor, geo: AtomConvGeometry, chunk: Chunk, layout: L
     return x_window, (image_rows, image_cols), (window_rows, window_cols)
 
 
+def _tap_start(window: torch.Tensor, geo: AtomConvGeometry, layout: Layout, i: int, j: int) -> int:
+    """Storage offset of the element tap (i, j) reads for virtual pixel 0 of sample 0."""
+    dh, dw = geo.dilation
+    return window.storage_offset() + (i * dh * layout.row_pitch + j * dw) * window.shape[3]
+
+
 def kernel_row_taps(window: torch.Tensor, geo: AtomConvGeometry, layout: Layout, sample: int, i: int) -> torch.Tensor:
     """The KW taps of kernel row i for the first `reach` virtual pixels of one sample, as a
     strided view of window [n, rows_in, row_pitch, C] (no copy; rows overlap): [reach, KW, C]."""
-    c = window.shape[3]
-    (_, sw), (dh, dw) = geo.stride, geo.dilation
-    first = window.storage_offset() + window.stride(0) * sample + i * dh * layout.row_pitch * c
-    return window.as_strided((layout.reach, geo.kernel_size[1], c), (sw * c, dw * c, 1), first)
+    c, (_, sw), (_, dw) = window.shape[3], geo.stride, geo.dilation
+    start = _tap_start(window, geo, layout, i, 0) + window.stride(0) * sample
+    return window.as_strided((layout.reach, geo.kernel_size[1], c), (sw * c, dw * c, 1), start)
 
 
 def tap_of_all_samples(window: torch.Tensor, geo: AtomConvGeometry, layout: Layout, t: int) -> torch.Tensor:
     """Tap t of every sample for its first `reach` virtual pixels: [n, reach, C], a strided view of window."""
-    c, kw = window.shape[3], geo.kernel_size[1]
-    (_, sw), (dh, dw) = geo.stride, geo.dilation
-    first = window.storage_offset() + ((t // kw) * dh * layout.row_pitch + (t % kw) * dw) * c
-    return window.as_strided((layout.n, layout.reach, c), (window.stride(0), sw * c, 1), first)
+    c, kw, sw = window.shape[3], geo.kernel_size[1], geo.stride[1]
+    return window.as_strided((layout.n, layout.reach, c), (window.stride(0), sw * c, 1),
+                             _tap_start(window, geo, layout, t // kw, t % kw))
 
 
-def chunk_atoms(atom_coeff: torch.Tensor, bases: torch.Tensor, layout: Layout,
-                ctype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage 1 on the virtual grid. atom_coeff [n, M*L, h, w] (the chunk's part), bases [L, KH, KW]
-    -> (beta [L, n, h, virtual_width, M] in ctype, zero on the extra columns; atoms
-    [n, h * virtual_width, M, KH*KW])."""
+def chunk_coefficients(atom_coeff: torch.Tensor, layout: Layout, num_atoms: int, ctype: torch.dtype) -> torch.Tensor:
+    """atom_coeff [n, M*L, h, w] (the chunk's part) -> beta [L, n, h, virtual_width, M] in ctype,
+    pixel-major on the virtual grid, zero on its extra columns."""
     n, _, h, w = atom_coeff.shape
-    num_bases = bases.shape[0]
-    m = atom_coeff.shape[1] // num_bases
-    beta = atom_coeff.new_zeros((num_bases, n, h, layout.virtual_width, m), dtype=ctype)
-    beta[:, :, :, :w] = atom_coeff.unflatten(1, (m, num_bases)).permute(2, 0, 3, 4, 1)
-    atoms = torch.mm(beta.flatten(1).t(), bases.flatten(1).to(ctype))
-    return beta, atoms.view(n, h * layout.virtual_width, m, bases[0].numel())
+    num_bases = atom_coeff.shape[1] // num_atoms
+    beta = atom_coeff.new_zeros((num_bases, n, h, layout.virtual_width, num_atoms), dtype=ctype)
+    beta[:, :, :, :w] = atom_coeff.unflatten(1, (num_atoms, num_bases)).permute(2, 0, 3, 4, 1)
+    return beta
 
 
-def atom_times_features(x_window: torch.Tensor, atoms: torch.Tensor, geo: AtomConvGeometry,
+def kernel_row_atoms(beta: torch.Tensor, bases: torch.Tensor, i: int) -> torch.Tensor:
+    """Stage 1 for the taps of kernel row i: A[j, p, m] = sum_l Psi[l, i, j] beta[l, p, m], one
+    GEMM. beta [L, n, h, V, M] (`chunk_coefficients`), bases [L, KH, KW] in beta's dtype ->
+    [KW, n, h*V, M]."""
+    _, n, h, virtual_width, m = beta.shape
+    return torch.mm(bases[:, i].t(), beta.flatten(1)).view(bases.shape[2], n, h * virtual_width, m)
+
+
+def atom_times_features(x_window: torch.Tensor, beta: torch.Tensor, bases: torch.Tensor, geo: AtomConvGeometry,
                         layout: Layout) -> torch.Tensor:
-    """Stage 2. x_window [n, rows_in, row_pitch, C_in] (`input_window`), atoms
-    [n, h * virtual_width, M, KH*KW] (`chunk_atoms`) -> Z [n, h * virtual_width, M, C_in], zero
-    past `reach`. Per sample and kernel row, one batched [M, KW] x [KW, C_in] product over pixels."""
-    kh, kw = geo.kernel_size
-    reach = layout.reach
-    z = x_window.new_zeros((*atoms.shape[:3], x_window.shape[3]))
-    for sample in range(layout.n):
-        for i in range(kh):
-            z[sample, :reach].baddbmm_(atoms[sample, :reach, :, i * kw : (i + 1) * kw],
-                                       kernel_row_taps(x_window, geo, layout, sample, i))
+    """Stages 1 and 2. x_window [n, rows_in, row_pitch, C_in] (`input_window`), beta
+    [L, n, h, V, M] (`chunk_coefficients`), bases [L, KH, KW] -> Z [n, h*V, M, C_in], zero past
+    `reach`. Per kernel row, its atoms; then per sample, one batched [M, KW] x [KW, C_in]
+    product over pixels."""
+    _, n, h, virtual_width, m = beta.shape
+    z = x_window.new_zeros((n, h * virtual_width, m, x_window.shape[3]))
+    for i in range(geo.kernel_size[0]):
+        atoms = kernel_row_atoms(beta, bases, i)
+        for sample in range(n):
+            z[sample, : layout.reach].baddbmm_(atoms[:, sample, : layout.reach].permute(1, 2, 0),  # [reach, M, KW]
+                                               kernel_row_taps(x_window, geo, layout, sample, i))
+        del atoms  # before the next row's are made
     return z
+
+
+def add_kernel_row_input_gradient(dx_window: torch.Tensor, dz_by_atom: tuple[torch.Tensor, ...], atoms: torch.Tensor,
+                                  geo: AtomConvGeometry, layout: Layout, i: int) -> None:
+    """dx_t += sum_m A[., m, t] dZ[., m, .] for the taps t = (i, j) of kernel row i, one
+    multiply-add per tap and atom over the chunk. dx_window as x_window, dz_by_atom M x
+    [n, reach, C_in], atoms [KW, n, h*V, M] (`kernel_row_atoms`)."""
+    kw = geo.kernel_size[1]
+    for j in range(kw):
+        dx_tap = tap_of_all_samples(dx_window, geo, layout, i * kw + j)  # [n, reach, C_in]
+        for dz_a, atom in zip(dz_by_atom, atoms[j, :, : layout.reach, :, None].unbind(2)):
+            dx_tap.addcmul_(dz_a, atom)
 
 
 def grouped_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -262,13 +285,14 @@ def atom_conv2d_reference(
     y = torch.empty(
         (geo.batch, geo.out_channels, *geo.out_size), dtype=x.dtype, device=x.device, memory_format=output_layout(x)
     )
-    weight_g = grouped_weight(weight.to(ctype), geo.groups)
+    bases_c, weight_g = bases.to(ctype), grouped_weight(weight.to(ctype), geo.groups)
     bias = None if bias is None else bias.to(ctype)
 
     def forward_chunk(chunk: Chunk) -> None:  # a function, so that the chunk's tensors die with it
         layout = Layout.of(geo, chunk.n1 - chunk.n0, chunk.r1 - chunk.r0, chunk.c1 - chunk.c0)
         x_window, _, _ = input_window(x, geo, chunk, layout, ctype)
-        z = atom_times_features(x_window, chunk_atoms(chunk.of(atom_coeff), bases, layout, ctype)[1], geo, layout)
+        z = atom_times_features(x_window, chunk_coefficients(chunk.of(atom_coeff), layout, geo.num_atoms, ctype),
+                                bases_c, geo, layout)
         del x_window  # stage 3 does not need it: free it first
         y_virtual = coefficient_sum(z.view(layout.virtual_pixels, *z.shape[2:]), weight_g, bias)
         del z
@@ -318,12 +342,12 @@ def atom_conv2d_reference_backward(
         layout = Layout.of(geo, chunk.n1 - chunk.n0, chunk.r1 - chunk.r0, chunk.c1 - chunk.c0)
         q, reach = layout.virtual_pixels, layout.reach
         x_window, image, window = input_window(x, geo, chunk, layout, ctype)
-        beta, atoms = chunk_atoms(chunk.of(atom_coeff), bases_c, layout, ctype)  # [L, n, h, V, M], [n, h*V, M, T]
+        beta = chunk_coefficients(chunk.of(atom_coeff), layout, m, ctype)  # [L, n, h, V, M]
         dy = x_window.new_zeros((layout.n, layout.h, layout.virtual_width, geo.out_channels))
         dy[:, :, : layout.w] = chunk.of(grad_y).permute(0, 2, 3, 1)
         dy = dy.view(q, groups, geo.out_channels // groups)
         if need_weight:
-            z = atom_times_features(x_window, atoms, geo, layout).view(q, m, groups, geo.in_channels // groups)
+            z = atom_times_features(x_window, beta, bases_c, geo, layout).view(q, m, groups, geo.in_channels // groups)
             dweight_g.add_(torch.einsum("qgo,qmgc->gomc", dy, z))
         if not (need_x or need_atoms_grad):
             return
@@ -334,36 +358,30 @@ def atom_conv2d_reference_backward(
         else:
             dz.copy_(torch.einsum("qgo,gomc->qmgc", dy, weight_g))
         del dy
-        dz = dz.view(*atoms.shape[:3], geo.in_channels)  # [n, h*V, M, C_in]
-        if need_atoms_grad:  # dA [KH, n, h*V, M, KW], zero past `reach`
-            datoms = dz.new_zeros((kh, *atoms.shape[:3], kw))
-            for sample in range(layout.n):
-                for i in range(kh):
+        dz = dz.view(layout.n, layout.h * layout.virtual_width, m, geo.in_channels)
+        dz_by_atom = dz[:, :reach].unbind(2)  # M x [n, reach, C_in]
+        dx_window = torch.zeros_like(x_window) if need_x else None
+        dbeta = torch.zeros_like(beta) if need_coeff else None
+        datoms = dz.new_zeros((*dz.shape[:3], kw)) if need_atoms_grad else None  # one kernel row's dA, 0 past reach
+        for i in range(kh):  # everything per kernel row: its atoms, their gradient, its taps' dx
+            atoms = kernel_row_atoms(beta, bases_c, i)  # [KW, n, h*V, M]
+            if need_atoms_grad:
+                for sample in range(layout.n):
                     torch.bmm(dz[sample, :reach], kernel_row_taps(x_window, geo, layout, sample, i).transpose(1, 2),
-                              out=datoms[i, sample, :reach])
+                              out=datoms[sample, :reach])
+                if need_bases:  # d Psi[l, i, j] += sum over pixels and atoms of beta[l, .] dA[., j]
+                    dbases[:, i].addmm_(beta.flatten(1), datoms.flatten(0, 2))
+                if need_coeff:  # d beta[l, p, m] += sum_j Psi[l, i, j] dA[p, m, j]
+                    dbeta.flatten(1).addmm_(bases_c[:, i], datoms.flatten(0, 2).t())
+            if need_x:
+                add_kernel_row_input_gradient(dx_window, dz_by_atom, atoms, geo, layout, i)
+            del atoms  # before the next row's are made
         if need_x:
-            dx_window = torch.zeros_like(x_window)
-            dz_by_atom = dz[:, :reach].unbind(2)  # M x [n, reach, C_in]
-            for t in range(kh * kw):
-                dx_tap = tap_of_all_samples(dx_window, geo, layout, t)  # [n, reach, C_in]
-                for dz_a, atom in zip(dz_by_atom, atoms[:, :reach, :, t, None].unbind(2)):
-                    dx_tap.addcmul_(dz_a, atom)
             (image_rows, image_cols), (window_rows, window_cols) = image, window
             dx[chunk.n0 : chunk.n1, :, image_rows, image_cols].add_(
                 dx_window[:, window_rows, window_cols].permute(0, 3, 1, 2))
-            del dx_window
-        del x_window, dz
-        if need_bases:  # d Psi[l, i, j] += sum over pixels and atoms of beta[l, .] dA[i, ., j]
-            for i in range(kh):
-                dbases[:, i].addmm_(beta.flatten(1), datoms[i].flatten(0, 2))
-        if need_coeff:  # d beta[l, p, m] = sum_t Psi[l, t] dA[p, m, t], in beta's memory
-            beta_flat = beta.flatten(1)  # a view: beta is contiguous
-            for i in range(kh):
-                if i == 0:
-                    torch.mm(bases_c[:, i], datoms[i].flatten(0, 2).t(), out=beta_flat)
-                else:
-                    beta_flat.addmm_(bases_c[:, i], datoms[i].flatten(0, 2).t())
-            chunk.of(dcoeff).unflatten(1, (m, -1)).permute(2, 0, 3, 4, 1).copy_(beta[:, :, :, : layout.w])
+        if need_coeff:
+            chunk.of(dcoeff).unflatten(1, (m, -1)).permute(2, 0, 3, 4, 1).copy_(dbeta[:, :, :, : layout.w])
 
     for chunk in chunk_plan(geo, torch.finfo(ctype).bits // 8, max_chunk_bytes, backward=True):
         backward_chunk(chunk)

@@ -2,7 +2,7 @@
 
 The three stages, per chunk of output pixels p (and taps t = (i, j), KH*KW of them):
 
-1. basis-to-atom        A[p, m, t]  = sum_l beta[l, p, m] * Psi[l, t]            (one GEMM)
+1. basis-to-atom        A[p, m, t]  = sum_l beta[l, p, m] * Psi[l, t]            (a GEMM per kernel row)
 2. atom-times-features  Z[p, m, c]  = sum_t A[p, m, t] * x_t[p, c]               (batched GEMMs)
 3. coefficient sum      y[p, o]     = bias[o] + sum_{c in group(o), m} weight[o, c, m] * Z[p, m, c]
 
@@ -16,7 +16,8 @@ a window row allows (a few columns past the last output column are computed and 
 every pixel of a sample is one fixed step further into the window. So x_t for a whole kernel
 row is a strided view of the window ([pixels, KW, C], no copy), and stage 2 is, per sample and
 kernel row, one batched product of [M, KW] by [KW, C] matrices; stages 1 and 3 are GEMMs.
-The virtual grid's extra columns have zero coefficients, hence zero atoms, Z and gradients.
+Atoms (and, backward, their gradients) exist one kernel row at a time. The virtual grid's
+extra columns have zero coefficients, hence zero atoms, Z and gradients.
 
 Chunks (whole samples; else rows of one sample; else pieces of one row) keep every temporary
 of a chunk, forward or backward, within `max_chunk_bytes` (`chunk_bytes` counts them); the

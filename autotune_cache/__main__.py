@@ -9,32 +9,53 @@
     export [--gpu NAME] --out FILE        learned entries of a GPU -> a table to ship in
                                           autotune_cache/tables/
     clear [--gpu NAME]                    delete learned entries (all GPUs unless --gpu)
+
+A problem (a bad argument, a damaged or unreadable file, a path that cannot be written) is one
+line naming the path and what is wrong, and the exit status is non-zero: 2 for bad arguments,
+1 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
+import shutil
 import sys
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 import torch
+from filelock import FileLock, Timeout
+from torch import nn
 
 from . import keys
 from .cache import AutotuneCache, autotune_enabled, default_cache, triton_version
 from .keys import format_bucket, normalise_gpu_name
-from .store import CacheFile, write_atomically
+from .store import CacheFile, CacheWarning, lock_for, write_atomically
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        return args.command(args)
-    except ValueError as error:  # bad --shape, --model, --gpu...: a message, not a traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CacheWarning)
+        try:
+            status = args.command(args)
+        except ValueError as error:  # bad --shape, --model, --gpu...: a message, not a traceback
+            print(f"error: {error}", file=sys.stderr)
+            status = 2
+    # The cache's warnings (each names its file) become error lines; other warnings pass on.
+    for warning in caught:
+        if issubclass(warning.category, CacheWarning):
+            print(f"error: {warning.message}", file=sys.stderr)
+            status = status or 1
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    return status
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,18 +113,20 @@ def tune(args: argparse.Namespace) -> int:
     from .tune import TUNERS
 
     layers = [parse_shape(text) for text in args.shape]
-    if args.model:
-        if not args.input_size:
-            raise ValueError("--model needs --input-size N,C,H,W")
-        layers += [shape for _, shape in model_layer_shapes(_load_factory(args.model)(), parse_input_size(args.input_size))]
-    if not layers:
+    if args.model and not args.input_size:
+        raise ValueError("--model needs --input-size N,C,H,W")
+    input_size = parse_input_size(args.input_size) if args.model else None
+    if not layers and not args.model:
         raise ValueError("give layer shapes with --shape, or a model with --model and --input-size")
+    # Both checks come before --model's module is imported: none of its code runs for nothing.
     if not torch.cuda.is_available():
         print("error: no CUDA GPU here: tune benchmarks the kernels on a GPU, nothing was tuned", file=sys.stderr)
         return 1
     if not autotune_enabled():
         print("error: ATOMCONV_AUTOTUNE=0 turns benchmarking off: unset it to tune", file=sys.stderr)
         return 1
+    if args.model:
+        layers += [shape for _, shape in model_layer_shapes(_load_model(args.model), input_size)]
     import kernels  # noqa: F401 - its modules register their tuners
 
     if not TUNERS:
@@ -125,7 +148,8 @@ def tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_factory(spec: str):
+def _load_model(spec: str) -> nn.Module:
+    """The model that MODULE:FACTORY's factory returns (the module is imported, the factory called)."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"--model must be MODULE:FACTORY, got {spec!r}")
@@ -135,7 +159,10 @@ def _load_factory(spec: str):
         raise ValueError(f"--model {spec!r}: {error}") from error
     if not callable(factory):
         raise ValueError(f"--model {spec!r} is not callable")
-    return factory
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"--model {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def export(args: argparse.Namespace) -> int:
@@ -146,25 +173,89 @@ def export(args: argparse.Namespace) -> int:
     if not entries:
         print(f"error: no learned entries for GPU {gpu!r} with Triton {triton_version()}", file=sys.stderr)
         return 1
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(args.out, CacheFile(gpu, triton_version(), dict(entries)))
+    file_above = next((p for p in args.out.parents if p.exists() and not p.is_dir()), None)
+    problem = ("is a directory: give a file path" if args.out.is_dir() else
+               None if file_above is None else f"{file_above} is a file, not a directory")
+    if problem is None:
+        try:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(args.out, CacheFile(gpu, triton_version(), dict(entries)))
+        except OSError as error:
+            problem = f"cannot write it ({error.strerror or error})"
+    if problem is not None:
+        print(f"error: --out {args.out}: {problem}", file=sys.stderr)
+        return 1
     print(f"wrote {len(entries)} entries for {gpu} (Triton {triton_version()}) to {args.out}")
     return 0
 
 
 def clear(args: argparse.Namespace) -> int:
+    """Delete the learned files (whatever each has become: file, link, FIFO, directory) with
+    their lock files and the temporary files of crashed writers, each file under its lock."""
     directory = AutotuneCache().learned_dir
     prefix = f"{normalise_gpu_name(args.gpu)}.triton-" if args.gpu else ""
-    removed = 0
-    if directory.is_dir():
-        for path in directory.iterdir():
-            # learned files, their lock files, and temporary files a crashed writer left behind
-            name = path.name.removeprefix(".")
-            if path.is_file() and name.startswith(prefix) and name.endswith((".json", ".lock", ".tmp")):
-                path.unlink()
-                removed += path.name.endswith(".json")
+    try:
+        names = [entry.name for entry in os.scandir(directory)]
+    except (FileNotFoundError, NotADirectoryError):
+        names = []
+    except OSError as error:
+        print(f"error: {directory}: cannot list it ({error.strerror or error})", file=sys.stderr)
+        return 1
+    learned = sorted({_learned_file_name(name) for name in names} - {None})
+    removed, failed = 0, False
+    for name in (n for n in learned if n.startswith(prefix)):
+        path, lock_name = directory / name, f"{name}.lock"
+        family = [n for n in names if _learned_file_name(n) == name and n != lock_name]
+        try:
+            with _held_unless_broken(lock_for(path)):
+                for member in [*family, lock_name]:  # the lock file last, while held: a waiter then tries afresh
+                    _remove(directory / member)
+            removed += name in names
+        except Timeout:
+            print(f"error: {path}: another process is writing it, not removed: try again", file=sys.stderr)
+            failed = True
+        except OSError as error:
+            print(f"error: {error.filename or path}: cannot remove it ({error.strerror or error})", file=sys.stderr)
+            failed = True
     print(f"removed {removed} learned file(s) from {directory}")
-    return 0
+    return 1 if failed else 0
+
+
+def _learned_file_name(name: str) -> str | None:
+    """'X.json' for a learned file X.json, its lock file 'X.json.lock' and a crashed writer's
+    temporary '.X.json.<random>.tmp'; None for other names."""
+    if name.endswith(".json"):
+        return name
+    if name.endswith(".json.lock"):
+        return name.removesuffix(".lock")
+    if name.startswith(".") and name.endswith(".tmp") and ".json." in name:
+        return name[1:name.rindex(".json.") + len(".json")]
+    return None
+
+
+@contextlib.contextmanager
+def _held_unless_broken(lock: FileLock) -> Iterator[None]:
+    """Holds `lock` (Timeout when another process keeps it); a lock file that cannot be opened
+    at all (a directory, a link) is held by nobody, so the block then runs without it."""
+    try:
+        lock.acquire()
+    except Timeout:
+        raise
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _remove(path: Path) -> None:
+    """Unlink a file, link, FIFO or socket; delete a real directory with its content."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

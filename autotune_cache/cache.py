@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
+from filelock import Timeout
 
 from . import keys
 from .configs import Config, config_dict
 from .keys import Bucket, bucket_distance, dtype_name, format_bucket, shape_bucket
 from .prune import Footprint, device_limits, prune_candidates
-from .store import CacheFile, Entry, EntryKey, OnceWarner, cache_files, merge_into_file, read_cache_file
+from .store import (LOCK_TIMEOUT_S, CacheFile, Entry, EntryKey, OnceWarner, cache_files, merge_into_file,
+                    read_cache_file)
 
 TABLES_DIR = Path(__file__).parent / "tables"
 MAX_TIMED = 3
@@ -85,6 +87,7 @@ class AutotuneCache:
         self._memo: dict[tuple, object] = {}
         self._tables: dict[str, dict[EntryKey, Entry]] | None = None
         self._learned: dict[str, dict[EntryKey, Entry]] = {}
+        self._unpersisted: set[Path] = set()  # learned files this process gave up writing
 
     def learned_path(self, gpu: str) -> Path:
         return self.learned_dir / f"{gpu}.triton-{triton_version()}.json"
@@ -191,11 +194,22 @@ class AutotuneCache:
         return unique[winner]
 
     def _persist(self, gpu: str, entry: Entry) -> None:
+        """Merge the entry into this GPU's learned file; when that fails once (the file cannot be
+        written, or another process sits on its lock), say so and stop trying:
+        later entries stay in memory, and no further lookup waits for the lock."""
         path = self.learned_path(gpu)
+        if path in self._unpersisted:
+            return
         try:
             merge_into_file(path, gpu, triton_version(), [entry], self._warn)
+        except Timeout:
+            reason = f"another process has held its lock for {LOCK_TIMEOUT_S:g} s without writing"
         except OSError as error:
-            self._warn(path, f"cannot write ({error}); learned configs are kept in memory for this process only")
+            reason = f"cannot write ({error})"
+        else:
+            return
+        self._unpersisted.add(path)
+        self._warn(path, f"{reason}; learned configs are kept in memory for this process only")
 
     def learned_entries(self, gpu: str) -> dict[EntryKey, Entry]:
         """This GPU's learned entries for the running Triton version (read once)."""

@@ -1,4 +1,4 @@
-"""Fused Triton backward of the ACDA operator (SPEC §1): dx, dβ, dΨ, dα from dy.
+"""Fused Triton backward of the ACDA operator (docs/design.md §1): dx, dβ, dΨ, dα from dy.
 
 With p an output pixel, q an input pixel, t a tap, A the atoms and Z the stage-2 result of the
 forward, and the on-chip intermediates
@@ -596,7 +596,7 @@ def _check_grad_output(grad_y, x, geo: AtomConvGeometry) -> None:
 
 def atom_conv2d_backward(grad_y, x, atom_coeff, bases, weight, stride=1, padding=0, dilation=1, groups=1, *,
                          output_mask=(True, True, True, True)):
-    """Fused backward (SPEC §1): always Triton, no autograd. Arguments as `atom_conv2d_forward`
+    """Fused backward (docs/design.md §1): always Triton, no autograd. Arguments as `atom_conv2d_forward`
     plus grad_y [N, C_out, H_out, W_out] (any strides); returns [dx, d atom_coeff, d bases,
     d weight] in the inputs' dtype, None where output_mask says not needed. d bias is
     grad_y summed over (N, H_out, W_out)."""

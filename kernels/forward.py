@@ -1,4 +1,4 @@
-"""Fused Triton forward of the ACDA operator (SPEC §1): y from x, β, Ψ, α in one kernel.
+"""Fused Triton forward of the ACDA operator (docs/design.md §1): y from x, β, Ψ, α in one kernel.
 
 A program owns BLOCK_P = 32 * num_warps consecutive output pixels of one sample (one thread per
 pixel) and BLOCK_O output channels of one group:
@@ -174,7 +174,7 @@ def forward_footprint(launch: TileLaunch, geo: AtomConvGeometry, dtype: torch.dt
 
 
 def atom_conv2d_forward(x, atom_coeff, bases, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """Fused forward (SPEC §1, §4): always Triton, no autograd.
+    """Fused forward (docs/design.md §1): always Triton, no autograd.
 
     x [N, C_in, H, W], atom_coeff [N, M*L, H_out, W_out], bases [L, KH, KW],
     weight [C_out, C_in // groups, M], bias [C_out] or None -> y [N, C_out, H_out, W_out],

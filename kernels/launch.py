@@ -81,7 +81,7 @@ def check_runnable(x: torch.Tensor) -> None:
 
 
 def tf32_allowed() -> bool:
-    """Whether PyTorch's own CUDA matmuls use TF32 for float32 (SPEC §6): the per-backend
+    """Whether PyTorch's own CUDA matmuls use TF32 for float32 (docs/design.md §6): the per-backend
     `fp32_precision` where torch has it (2.9 and newer; reading the legacy `allow_tf32` raises
     there once the new API was used), else the legacy flag."""
     matmul = torch.backends.cuda.matmul
@@ -90,7 +90,7 @@ def tf32_allowed() -> bool:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 dots use TF32 only where PyTorch's own matmuls would (SPEC §6); the interpreter only
+    """fp32 dots use TF32 only where PyTorch's own matmuls would (docs/design.md §6); the interpreter only
     knows "ieee". The value does not matter for 16-bit dots."""
     if dtype == torch.float32 and tf32_allowed() and not INTERPRETING:
         return "tf32"

@@ -8,7 +8,7 @@ launchers keep BLOCK_P = 32 * num_warps. KH, KW, L and M are compile-time consta
 basis and atom loop is unrolled, and the atoms and Z of a pixel are tuples of registers, M
 or M*KH*KW of them, without padding M to a power of two.
 
-Stages (SPEC §1): `pixel_atoms` (stage 1, once per tile), `atom_times_features` (stage 2 of
+Stages (docs/design.md §1): `pixel_atoms` (stage 1, once per tile), `atom_times_features` (stage 2 of
 one channel chunk), `coefficient_sum` (stage 3 of one chunk, tensor-core dots).
 
 Index arithmetic. Each program first moves its tensor pointers to its sample (int64: batch *

@@ -5,7 +5,7 @@
                                                                     backward: warp-instructions per
                                                                     output pixel and lower bounds
 
-Records (SPEC §4), one per variant: kernel, arch, dtype, config, default, shared_bytes, registers,
+Records, one per variant: kernel, arch, dtype, config, default, shared_bytes, registers,
 spill_bytes, mma; and what it was compiled with and for: `triton` (the version) and `kernel_size`.
 The kernels: the fused forward (`atom_conv2d_fwd`) and the backward kernels dx
 (`atom_conv2d_bwd_input`), dβ (`atom_conv2d_bwd_coeff`, and `atom_conv2d_bwd_coeff_bases`: the same
@@ -154,7 +154,7 @@ def compile_launch(run: launch.Launch, arch: str) -> dict:
 
 
 def record(kernel: str, arch: str, dtype: torch.dtype, config: configs.TileConfig, kernel_size: int) -> dict:
-    """The report's record of one variant (SPEC §4, plus the Triton version and kernel size)."""
+    """The report's record of one variant (with the Triton version and kernel size)."""
     compiled = compile_launch(kernel_launch(kernel, problem_at(kernel_size), dtype, config), arch)
     return {
         "kernel": kernel, "arch": arch, "dtype": str(dtype).removeprefix("torch."), "config": config.as_dict(),

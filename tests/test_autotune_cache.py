@@ -6,9 +6,11 @@ callables returning made-up milliseconds (or raising where none may run).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock, Timeout
 from torch import nn
 
 import autotune_cache
@@ -25,7 +28,7 @@ from atomconv.validation import validate_atom_conv2d
 from autotune_cache import AutotuneCache, DeviceLimits, Footprint, forward_footprint, layer_shape, prune_candidates
 from autotune_cache import __main__ as cli
 from autotune_cache import cache as cache_module
-from autotune_cache import keys
+from autotune_cache import keys, store
 from autotune_cache.layers import model_layer_shapes, parse_shape
 from autotune_cache.store import SCHEMA, CacheFile, Entry, OnceWarner, merge_into_file, read_cache_file
 from kernels import launch
@@ -293,6 +296,17 @@ def test_real_forward_candidates_on_a_tiny_problem_prune_to_a_few_launches():
 
 # --- robustness -----------------------------------------------------------------------------
 
+def _document(*records, padding: int = 0) -> str:
+    """A learned file's text for the running Triton version with these raw entry records,
+    followed by `padding` spaces (still valid JSON)."""
+    document = {"schema": SCHEMA, "gpu": GPU, "triton": cache_module.triton_version(), "entries": list(records)}
+    return json.dumps(document) + " " * padding
+
+
+def _record(**fields) -> dict:
+    return {"kernel": KERNEL, "dtype": "float16", "bucket": {"pixels": 4}, "config": TABLED.as_dict()} | fields
+
+
 DAMAGED = {
     "truncated": lambda p: p.write_text('{"schema": 1, "gpu": "nvidia-test-gpu", "entr'),
     "wrong_schema": lambda p: p.write_text(json.dumps({"schema": 99, "gpu": GPU, "triton": "3.6.0", "entries": []})),
@@ -302,7 +316,38 @@ DAMAGED = {
     "bad_entries": lambda p: p.write_text(json.dumps({"schema": SCHEMA, "gpu": GPU, "triton": "3.6.0", "entries": [
         {"kernel": KERNEL, "dtype": "float16", "bucket": {"pixels": 3}, "config": TABLED.as_dict()},
         {"kernel": KERNEL, "dtype": "float16", "bucket": {"pixels": 4}, "config": {"block_p": True}}, 7]})),
+    # Python refuses to convert ints of over 4300 digits (a ValueError that is no JSONDecodeError).
+    "huge_int": lambda p: p.write_text(_document().replace('"entries": []', '"entries": [' + "9" * 5000 + "]")),
+    "huge_int_in_entry": lambda p: p.write_text(_document(_record(ms=0)).replace('"ms": 0', '"ms": ' + "9" * 5000)),
+    "deep_nesting": lambda p: p.write_text("[" * 100_000 + "]" * 100_000),
+    "nested_entry": lambda p: p.write_text(_document(_record(config={"block_p": json.loads("[" * 400 + "]" * 400)}))),
+    "not_finite_ms": lambda p: p.write_text(_document(_record(ms=float("nan")), _record(default_ms=float("inf")))),
+    "over_the_size_cap": lambda p: p.write_text(_document(_record(), padding=store.MAX_FILE_BYTES)),
+    "link_to_dev_zero": lambda p: p.symlink_to("/dev/zero"),
+    "link_to_dev_urandom": lambda p: p.symlink_to("/dev/urandom"),
+    "fifo": lambda p: os.mkfifo(p),
+    "link_loop": lambda p: p.symlink_to(p),
 }
+
+
+class Hung(Exception):
+    """A read that did not finish in time (no OSError or ValueError: nothing may catch it)."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Raise Hung in the block after `seconds` (a blocking open or an endless read is
+    interrupted by the signal), so that a regression fails instead of hanging the suite."""
+    def interrupt(signum, frame):
+        raise Hung(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.mark.parametrize("damage", DAMAGED, ids=list(DAMAGED))
@@ -312,11 +357,40 @@ def test_damaged_files_give_one_warning_and_no_exception(tmp_path, fake_gpu, dam
     path = cache.learned_path(GPU) if place == "learned" else tmp_path / "tables" / "gpu.json"
     path.parent.mkdir(parents=True)
     DAMAGED[damage](path)
-    with pytest.warns(RuntimeWarning, match="atomconv autotune cache") as caught:
+    with pytest.warns(RuntimeWarning, match="atomconv autotune cache") as caught, deadline(10):
         assert lookup(cache, benchmark=None) == DEFAULT
         assert lookup(cache, scaled(SHAPE, atoms=2), benchmark=None) == DEFAULT
         cache.files(path.parent)  # what `show` reads: no second warning either
     assert len(caught) == 1 and str(path) in str(caught[0].message)
+
+
+@pytest.mark.parametrize("damage", DAMAGED, ids=list(DAMAGED))
+def test_a_damaged_learned_file_is_replaced_by_the_next_write(tmp_path, fake_gpu, damage):
+    cache = AutotuneCache(tmp_path / "cache", tmp_path / "tables")
+    path = cache.learned_path(GPU)
+    path.parent.mkdir(parents=True)
+    DAMAGED[damage](path)
+    with pytest.warns(RuntimeWarning, match="atomconv autotune cache") as caught, deadline(10):
+        assert lookup(cache, benchmark=lambda c: 0.5 if c == NEAR else 1.0) == NEAR
+    assert len(caught) == 1 and str(path) in str(caught[0].message)
+    if damage == "directory":  # no file can replace it: the entry stays in memory
+        assert path.is_dir()
+    else:
+        [stored] = read_cache_file(path, OnceWarner()).entries.values()
+        assert stored.config == NEAR.as_dict()
+
+
+@pytest.mark.parametrize("damage", DAMAGED, ids=list(DAMAGED))
+def test_clear_removes_damaged_learned_files_and_lock_files(tmp_path, monkeypatch, damage, capsys):
+    monkeypatch.setenv("ATOMCONV_CACHE_DIR", str(tmp_path / "cache"))
+    learned_dir = AutotuneCache().learned_dir
+    learned_dir.mkdir(parents=True)
+    DAMAGED[damage](learned_dir / f"{GPU}.triton-3.6.0.json")
+    DAMAGED[damage](Path(store.lock_for(learned_dir / "nvidia-other.triton-3.6.0.json").lock_file))
+    with deadline(10):
+        assert cli.main(["clear"]) == 0
+    assert "removed 1 learned file(s)" in capsys.readouterr().out
+    assert not os.listdir(learned_dir)
 
 
 def test_learned_entries_of_another_triton_version_are_ignored(tmp_path, fake_gpu):
@@ -368,10 +442,12 @@ def test_off_cuda_without_a_gpu_name_the_default_is_used(tmp_path, monkeypatch):
 
 # --- concurrent writers ---------------------------------------------------------------------
 
-WRITERS, WRITES = 4, 12
+WRITERS, WRITES = 8, 100
 
 
 def _writer(path: str, writer: int) -> None:
+    """WRITES merges of one entry of this writer's own and one key every writer shares (a merge
+    that cannot get the lock raises: the process then exits non-zero)."""
     warn = OnceWarner()
     for i in range(WRITES):
         own = Entry(KERNEL, "float16", (("pixels", 2 ** i), ("writer", 2 ** writer)), {"writer": writer})
@@ -379,36 +455,92 @@ def _writer(path: str, writer: int) -> None:
         merge_into_file(Path(path), GPU, "3.6.0", [own, shared], warn)
 
 
-def _reader(path: str, stop, failures) -> None:
+def _reader(path: str, stop, reads, failures) -> None:
+    """Reads the file as fast as it can until `stop`: every read must be a whole valid file."""
     while not stop.is_set():
         try:
-            json.loads(Path(path).read_text())
+            document = json.loads(Path(path).read_text())
         except FileNotFoundError:
             continue
         except ValueError:
+            failures.value += 1
+            continue
+        reads.value += 1
+        if read_cache_file(Path(path), OnceWarner()) is None or document["schema"] != SCHEMA:
             failures.value += 1
 
 
 def test_concurrent_writers_never_leave_a_partial_file_and_lose_nothing(tmp_path):
     path = str(tmp_path / "learned.json")
     context = multiprocessing.get_context("fork")  # the children only write files: no torch threads involved
-    stop, failures = context.Event(), context.Value("i", 0)
-    reader = context.Process(target=_reader, args=(path, stop, failures))
+    stop, reads, failures = context.Event(), context.Value("i", 0), context.Value("i", 0)
+    reader = context.Process(target=_reader, args=(path, stop, reads, failures))
     reader.start()
     writers = [context.Process(target=_writer, args=(path, w)) for w in range(WRITERS)]
     for process in writers:
         process.start()
     for process in writers:
-        process.join(60)
+        process.join(300)
     stop.set()
     reader.join(60)
-    assert [p.exitcode for p in writers] == [0] * WRITERS and failures.value == 0
+    assert [p.exitcode for p in writers] == [0] * WRITERS
+    assert reads.value > 0 and failures.value == 0
     content = read_cache_file(Path(path), OnceWarner())
     # Every writer's own entries survive (read-merge-write under the lock); the shared key
     # holds one writer's value (the last writer wins per key).
-    assert len(content.entries) == WRITERS * WRITES + 1
+    assert len(content.entries) - 1 == WRITERS * WRITES
     assert content.entries[KERNEL, "float16", (("pixels", 1),)].config["writer"] in range(WRITERS)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_writer_that_cannot_get_the_lock_writes_nothing_and_says_so_once(tmp_path, fake_gpu, monkeypatch):
+    monkeypatch.setattr(store, "LOCK_TIMEOUT_S", 0.2)
+    cache = AutotuneCache(tmp_path / "cache", tmp_path / "tables")
+    before = write_file(cache.learned_path(GPU), entry(TABLED, scaled(SHAPE, atoms=2))).read_text()
+    with held_by_another_process(cache.learned_path(GPU)):
+        with pytest.warns(RuntimeWarning, match="held its lock") as caught:
+            assert lookup(cache, benchmark=lambda c: 0.5 if c == NEAR else 1.0) == NEAR
+            # Persisting is given up for this process: no second wait, no second warning.
+            assert lookup(cache, scaled(SHAPE, pixels=2), benchmark=lambda c: 0.5 if c == LEARNED else 1.0) == LEARNED
+        assert len(caught) == 1 and str(cache.learned_path(GPU)) in str(caught[0].message)
+        with pytest.raises(Timeout):
+            merge_into_file(cache.learned_path(GPU), GPU, "3.6.0", [entry(NEAR)], OnceWarner())
+        assert cache.learned_path(GPU).read_text() == before
+
+
+def test_a_link_planted_at_the_lock_path_leaves_its_target_alone(tmp_path, fake_gpu):
+    """With an attacker-writable cache dir, a symlink at the lock path must not get its target
+    truncated (filelock before 3.20.1 followed it, and opened with O_TRUNC)."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    cache = AutotuneCache(tmp_path / "cache", tmp_path / "tables")
+    cache.learned_dir.mkdir(parents=True)
+    Path(store.lock_for(cache.learned_path(GPU)).lock_file).symlink_to(victim)
+    with pytest.warns(RuntimeWarning, match="kept in memory"):
+        assert lookup(cache, benchmark=lambda c: 0.5 if c == NEAR else 1.0) == NEAR
+    assert victim.read_text() == "precious" and not cache.learned_path(GPU).exists()
+
+
+@contextlib.contextmanager
+def held_by_another_process(path: Path):
+    """The lock of `path` (the `<path>.lock` file every writer locks), held by a child process
+    for the duration of the block."""
+    context = multiprocessing.get_context("fork")
+    holding, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold_lock, args=(str(path), holding, release))
+    holder.start()
+    try:
+        assert holding.wait(60)
+        yield
+    finally:
+        release.set()
+        holder.join(60)
+
+
+def _hold_lock(path: str, holding, release) -> None:
+    with FileLock(f"{path}.lock"):
+        holding.set()
+        release.wait(60)
 
 
 # --- end to end with the real forward kernel (interpreted) ----------------------------------
@@ -511,11 +643,27 @@ def test_cli_clear_removes_learned_files(cli_cache, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
-def test_cli_tune_without_a_gpu_says_so(capsys):
+def test_cli_tune_without_a_gpu_says_so_before_running_any_model_code(tmp_path, monkeypatch, capsys):
     assert cli.main(["tune", "--shape", "1,8,8,8,8,3,4"]) == 1
     assert "no CUDA GPU" in capsys.readouterr().err
     assert cli.main(["tune"]) == 2  # nothing to tune: an argument error comes first
-    assert cli.main(["tune", "--model", "no_such_module:f", "--input-size", "1,3,8,8"]) == 2
+    assert cli.main(["tune", "--model", "m:f"]) == 2 and "--input-size" in capsys.readouterr().err
+    # The model's module is not even imported before the GPU check.
+    (tmp_path / "model_with_side_effects.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('imported').touch()\ndef f():\n    return 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert cli.main(["tune", "--model", "model_with_side_effects:f", "--input-size", "1,3,8,8"]) == 1
+    assert "no CUDA GPU" in capsys.readouterr().err and not (tmp_path / "imported").exists()
+
+
+def test_cli_tune_says_when_the_factory_returns_no_module(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past the GPU check; nothing runs on it
+    monkeypatch.delenv("ATOMCONV_AUTOTUNE", raising=False)
+    (tmp_path / "not_a_model.py").write_text("def f():\n    return 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert cli.main(["tune", "--model", "not_a_model:f", "--input-size", "1,3,8,8"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert "not_a_model:f" in line and "returned int, not a torch.nn.Module" in line
 
 
 def test_cli_runs_as_a_module(cli_cache):
@@ -525,27 +673,92 @@ def test_cli_runs_as_a_module(cli_cache):
     assert result.stdout.count("learned:") == 2
 
 
-def test_unreadable_directories_and_files_fall_back_with_warnings(tmp_path, fake_gpu, monkeypatch):
-    """EACCES on the tables dir and on the learned file (root cannot make one, so os-level calls
-    are patched): warnings, then the default; never an exception."""
+@pytest.fixture
+def deny(monkeypatch):
+    """deny(path): from now on listing `path`, opening it, or opening or creating anything
+    directly in it fails with EACCES, as it does for a user without the permission. (The tests
+    run as root, whom permission bits do not stop, so the os calls are patched, on any user.)"""
+    denied: set[Path] = set()
+    real_open, real_scandir = os.open, os.scandir
+
+    def check(path):
+        path = Path(os.fsdecode(path)).absolute()
+        if path in denied or path.parent in denied:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    def fake_open(path, *args, **kwargs):
+        check(path)
+        return real_open(path, *args, **kwargs)
+
+    def fake_scandir(path="."):
+        check(path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "scandir", fake_scandir)
+    return lambda path: denied.add(Path(path).absolute())
+
+
+def test_unreadable_directories_and_files_fall_back_with_warnings(tmp_path, fake_gpu, deny):
     tables = tmp_path / "tables"
     write_file(tables / "gpu.json", entry(TABLED))
     cache = AutotuneCache(tmp_path / "cache", tables)
     write_file(cache.learned_path(GPU), entry(LEARNED))
-    real_is_dir, real_read_text = Path.is_dir, Path.read_text
-
-    def is_dir(path):
-        if path == tables:
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_is_dir(path)
-
-    def read_text(path, *args, **kwargs):
-        if path == cache.learned_path(GPU):
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_read_text(path, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "is_dir", is_dir)
-    monkeypatch.setattr(Path, "read_text", read_text)
-    with pytest.warns(RuntimeWarning, match="unreadable") as caught:
+    deny(tables)
+    deny(cache.learned_path(GPU))
+    with pytest.warns(RuntimeWarning, match="Permission denied") as caught:
         assert lookup(cache, benchmark=None) == DEFAULT
-    assert len(caught) == 2
+    assert sorted(str(w.message).split(": ")[1] for w in caught) == sorted([str(tables), str(cache.learned_path(GPU))])
+
+
+def _one_error_line(capsys, *expected: str) -> str:
+    """The command's only stderr line, which must contain each of `expected`."""
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: ") and all(text in line for text in expected), line
+    return line
+
+
+def test_cli_show_names_an_unreadable_directory(cli_cache, deny, capsys):
+    deny(cli_cache.learned_dir)
+    assert cli.main(["show"]) == 1
+    _one_error_line(capsys, str(cli_cache.learned_dir), "Permission denied")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "huge_int", "fifo", "link_to_dev_zero"])
+def test_cli_show_names_a_damaged_file_and_lists_the_rest(cli_cache, damage, capsys):
+    damaged = cli_cache.learned_dir / "nvidia-other.triton-3.6.0.json"
+    DAMAGED[damage](damaged)
+    with deadline(10):
+        assert cli.main(["show"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.count("learned:") == 2
+    [line] = captured.err.splitlines()
+    assert line.startswith("error: ") and str(damaged) in line and "skipped" in line
+
+
+def test_cli_clear_names_an_unreadable_directory(cli_cache, deny, capsys):
+    deny(cli_cache.learned_dir)
+    assert cli.main(["clear"]) == 1
+    _one_error_line(capsys, str(cli_cache.learned_dir), "cannot list", "Permission denied")
+    assert cli_cache.learned_path(GPU).exists()
+
+
+def test_cli_clear_leaves_a_file_another_process_is_writing(cli_cache, monkeypatch, capsys):
+    monkeypatch.setattr(store, "LOCK_TIMEOUT_S", 0.2)
+    with held_by_another_process(cli_cache.learned_path(GPU)):
+        assert cli.main(["clear"]) == 1
+    _one_error_line(capsys, str(cli_cache.learned_path(GPU)), "another process")
+    assert cli_cache.learned_path(GPU).exists()
+
+
+@pytest.mark.parametrize("where", ["a_directory", "under_a_file", "unwritable"])
+def test_cli_export_names_an_out_path_it_cannot_write(cli_cache, tmp_path, deny, where, capsys):
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "read_only").mkdir()
+    deny(tmp_path / "read_only")
+    out, problem = {"a_directory": (tmp_path, "is a directory"),
+                    "under_a_file": (tmp_path / "a_file" / "t.json", f"{tmp_path / 'a_file'} is a file"),
+                    "unwritable": (tmp_path / "read_only" / "t.json", "Permission denied")}[where]
+    assert cli.main(["export", "--gpu", GPU, "--out", str(out)]) == 1
+    _one_error_line(capsys, f"--out {out}", problem)
+    assert (tmp_path / "a_file").read_text() == "" and not os.listdir(tmp_path / "read_only")

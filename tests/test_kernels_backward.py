@@ -69,7 +69,7 @@ def test_16_bit_gradients(dtype, problem):
 
 
 def test_static_atoms_gradients_match_conv2d():
-    """SPEC §1 oracle: with pixel-independent atoms, dx and dα are F.conv2d's gradients (dα via
+    """docs/design.md §1 oracle: with pixel-independent atoms, dx and dα are F.conv2d's gradients (dα via
     the static kernel Wt[o,c,i,j] = Σ_m α[o,c,m] Σ_l β[m,l] Ψ[l,i,j], differentiated in α)."""
     kernel, stride, padding, dilation, groups = (3, 5), (2, 1), (1, 2), (1, 2), 2
     x, atom_coeff, bases, weight, _, _ = static_atom_problem(2, 4, 6, (9, 11), kernel, stride, padding, dilation,

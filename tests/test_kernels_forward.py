@@ -109,7 +109,7 @@ def test_strided_inputs():
 
 
 def test_static_atoms_match_conv2d():
-    """SPEC §1 oracle: pixel-independent atoms make the operator a plain F.conv2d."""
+    """docs/design.md §1 oracle: pixel-independent atoms make the operator a plain F.conv2d."""
     kernel, stride, padding, dilation, groups = (3, 5), (2, 1), (1, 2), (1, 2), 2
     x, atom_coeff, bases, weight, bias, static_weight = static_atom_problem(
         2, 4, 6, (9, 11), kernel, stride, padding, dilation, groups, dtype=torch.float32)

@@ -3,6 +3,7 @@ per-pixel shift with one-hot atoms over identity bases, and gradcheck in float64
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
@@ -10,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from atomconv import atom_conv2d
-from atomconv.reference import atom_conv2d_reference, atom_conv2d_reference_backward, chunk_bytes_per_row, chunk_plan
+from atomconv import op
+from atomconv.reference import atom_conv2d_reference, atom_conv2d_reference_backward, chunk_bytes, chunk_plan
+from perf.measure import cpu_peak_bytes
 from atomconv.validation import validate_atom_conv2d
 
 from helpers import output_size, static_atom_problem
@@ -90,14 +93,41 @@ def _pixel_varying_problem(dtype=torch.float64, seed=2):
     return x, coeff, bases, weight, bias
 
 
-@pytest.mark.parametrize("max_chunk_bytes", [1, 4000, 20000, 10**9])
-def test_chunked_equals_one_chunk(max_chunk_bytes):
-    args = _pixel_varying_problem()
+def _budgets(geo, backward):
+    """Budgets that make chunk_plan take each of its shapes on geo (float64), with the plan's
+    chunk count: whole problem, two samples, one sample, two rows, one row, three columns, one
+    pixel (a budget below one pixel's temporaries)."""
+    (h, w) = geo.out_size
+
+    def cost(samples, rows, cols):
+        return chunk_bytes(geo, 8, samples, rows, cols, backward=backward)
+
+    return {"whole": (cost(geo.batch, h, w), 1), "two_samples": (cost(2, h, w), 2), "sample": (cost(1, h, w), 3),
+            "two_rows": (cost(1, 2, w), 3 * 3), "row": (cost(1, 1, w), 3 * h), "three_columns": (cost(1, 1, 3), 3 * h * 2),
+            "pixel": (1, 3 * h * w)}
+
+
+@pytest.mark.parametrize("shape", ["whole", "two_samples", "sample", "two_rows", "row", "three_columns", "pixel"])
+def test_chunked_equals_one_chunk(shape):
+    args = _pixel_varying_problem()  # 3 samples, 6 x 5 outputs
     geo = validate_atom_conv2d(*args, 2, 1, 1, 2)
-    assert len(chunk_plan(geo, chunk_bytes_per_row(geo, 8), max_chunk_bytes)) == {1: 18, 4000: 9, 20000: 3, 10**9: 1}[max_chunk_bytes]
+    grad_y = torch.randn(3, 6, *geo.out_size, dtype=torch.float64)
     whole = atom_conv2d_reference(*args, geo, max_chunk_bytes=None)
-    chunked = atom_conv2d_reference(*args, geo, max_chunk_bytes=max_chunk_bytes)
-    torch.testing.assert_close(chunked, whole, rtol=1e-13, atol=1e-13)
+    whole_grads = atom_conv2d_reference_backward(grad_y, *args[:4], geo, (True,) * 4, max_chunk_bytes=None)
+    for backward in (False, True):
+        budget, chunks = _budgets(geo, backward)[shape]
+        plan = chunk_plan(geo, 8, budget, backward=backward)
+        assert len(plan) == chunks and sum(c.pixels for c in plan) == 3 * 6 * 5
+        if shape != "pixel":
+            assert all(chunk_bytes(geo, 8, c.n1 - c.n0, c.r1 - c.r0, c.c1 - c.c0, backward=backward,
+                                   ) <= budget for c in plan)
+        if backward:
+            grads = atom_conv2d_reference_backward(grad_y, *args[:4], geo, (True,) * 4, max_chunk_bytes=budget)
+            for name, g, e in zip(("x", "atom_coeff", "bases", "weight"), grads, whole_grads):
+                torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=lambda m: f"d {name}: {m}")
+        else:
+            torch.testing.assert_close(atom_conv2d_reference(*args, geo, max_chunk_bytes=budget), whole,
+                                       rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES[::3], ids=_ids)
@@ -134,7 +164,8 @@ def test_hand_written_backward_computes_only_what_is_asked(needs):
 def test_gradcheck_every_input(rows_per_chunk):
     args = [t.requires_grad_() for t in _pixel_varying_problem()]
     geo = validate_atom_conv2d(*args, 2, 1, 1, 2)
-    max_chunk_bytes = rows_per_chunk and rows_per_chunk * chunk_bytes_per_row(geo, 8)  # 2 chunks a sample
+    max_chunk_bytes = rows_per_chunk and chunk_bytes(geo, 8, 1, rows_per_chunk, geo.out_size[1],
+                                                     backward=False)  # 2 chunks a sample
     assert torch.autograd.gradcheck(lambda *a: atom_conv2d_reference(*a, geo, max_chunk_bytes=max_chunk_bytes), args)
 
 
@@ -182,3 +213,54 @@ def test_chunks_that_read_only_padding():
     geo = validate_atom_conv2d(x, coeff, bases, weight, bias, 1, 3, 1, 1)
     y = atom_conv2d_reference(x, coeff, bases, weight, bias, geo, max_chunk_bytes=1)
     torch.testing.assert_close(y, F.conv2d(x, static_weight, bias, 1, 3), rtol=1e-12, atol=1e-12)
+
+
+# --- memory: every temporary within max_chunk_bytes ------------------------------------------
+
+def _float32_problem(n, c, hw, kernel, stride=1, groups=1, m=3, num_bases=6, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, *hw, generator=g)
+    coeff = torch.randn(n, m * num_bases, *output_size(hw, kernel, stride, kernel // 2, 1), generator=g)
+    bases = torch.randn(num_bases, kernel, kernel, generator=g)
+    weight = torch.randn(c, c // groups, m, generator=g)
+    bias = torch.randn(c, generator=g)
+    geo = validate_atom_conv2d(x, coeff, bases, weight, bias, stride, kernel // 2, 1, groups)
+    return x, coeff, bases, weight, bias, geo
+
+
+BUDGET = 256 * 1024
+
+
+@pytest.mark.parametrize("case", ["32x32", "64x64", "128x128", "3x4096", "64x64-stride2", "64x64-groups2"])
+def test_temporaries_stay_within_the_budget(case):
+    """Peak bytes the CPU allocator holds (replayed from the profiler's allocation events) above
+    the inputs, less the outputs, forward and backward, at sizes where the budget binds: row
+    chunks at the square sizes (128x128 needs 2 MiB for one sample), column pieces of one row
+    for the 4096-wide image (a row alone needs over 1 MiB)."""
+    size, _, variant = case.partition("-")
+    hw = tuple(int(v) for v in size.split("x"))
+    stride, groups = (2, 1) if variant == "stride2" else (1, 2) if variant == "groups2" else (1, 1)
+    x, coeff, bases, weight, bias, geo = _float32_problem(1, 8, hw, 3, stride, groups)
+    grad_y = torch.randn(1, 8, *geo.out_size)
+    for backward in (False, True):
+        plan = chunk_plan(geo, 4, BUDGET, backward=backward)
+        assert len(plan) > 1 and (hw[0] > 3 or all(c.r1 - c.r0 == 1 and c.c1 - c.c0 < hw[1] for c in plan))
+    with torch.no_grad():
+        forward = cpu_peak_bytes(lambda: atom_conv2d_reference(x, coeff, bases, weight, bias, geo, max_chunk_bytes=BUDGET))
+        backward = cpu_peak_bytes(lambda: atom_conv2d_reference_backward(
+            grad_y, x, coeff, bases, weight, geo, (True, True, True, True), max_chunk_bytes=BUDGET))
+    y_bytes = grad_y.nbytes
+    grads_bytes = coeff.nbytes + x.nbytes + bases.nbytes + weight.nbytes
+    assert forward - y_bytes <= BUDGET and backward - grads_bytes <= BUDGET, (forward, backward)
+
+
+def test_the_op_backward_makes_no_full_size_copy(monkeypatch):
+    """Through the registered op (what training runs): its backward returns d x in x's layout
+    with no second full-size copy, so the peak is the gradients plus one chunk's temporaries."""
+    monkeypatch.setattr(op, "atom_conv2d_reference_backward",
+                        functools.partial(atom_conv2d_reference_backward, max_chunk_bytes=BUDGET))
+    x, coeff, bases, weight, bias, geo = _float32_problem(2, 8, (128, 128), 3)  # x: 1 MiB
+    grad_y = torch.randn(2, 8, 128, 128)
+    args = (grad_y, x, coeff, bases, weight, [1, 1], [1, 1], [1, 1], 1, "reference", [True, True, False, True])
+    peak = cpu_peak_bytes(lambda: torch.ops.atomconv.atom_conv2d_backward(*args))
+    assert peak - (x.nbytes + coeff.nbytes + 2 * weight.nbytes) <= BUDGET < x.nbytes

@@ -208,12 +208,23 @@ def chunk_coefficients(atom_coeff: torch.Tensor, layout: Layout, num_atoms: int,
     return beta
 
 
-def kernel_row_atoms(beta: torch.Tensor, bases: torch.Tensor, i: int) -> torch.Tensor:
+def zero_extra_columns(t: torch.Tensor, layout: Layout, pixel_dim: int) -> torch.Tensor:
+    """t (contiguous, dim pixel_dim over the virtual grid's h*V pixels) with its entries at the
+    extra columns (v >= w) zeroed in place. Their β and dy are zero, but times an Inf in Ψ or in
+    an x the column's taps read they are NaN, which sums over pixels would carry into real
+    gradients."""
+    t.unflatten(pixel_dim, (layout.h, layout.virtual_width)).narrow(
+        pixel_dim + 1, layout.w, layout.virtual_width - layout.w).zero_()
+    return t
+
+
+def kernel_row_atoms(beta: torch.Tensor, bases: torch.Tensor, i: int, layout: Layout) -> torch.Tensor:
     """Stage 1 for the taps of kernel row i: A[j, p, m] = sum_l Psi[l, i, j] beta[l, p, m], one
-    GEMM. beta [L, n, h, V, M] (`chunk_coefficients`), bases [L, KH, KW] in beta's dtype ->
-    [KW, n, h*V, M]."""
+    GEMM, zero on the extra columns. beta [L, n, h, V, M] (`chunk_coefficients`), bases
+    [L, KH, KW] in beta's dtype -> [KW, n, h*V, M]."""
     _, n, h, virtual_width, m = beta.shape
-    return torch.mm(bases[:, i].t(), beta.flatten(1)).view(bases.shape[2], n, h * virtual_width, m)
+    atoms = torch.mm(bases[:, i].t(), beta.flatten(1)).view(bases.shape[2], n, h * virtual_width, m)
+    return zero_extra_columns(atoms, layout, 2)
 
 
 def atom_times_features(x_window: torch.Tensor, beta: torch.Tensor, bases: torch.Tensor, geo: AtomConvGeometry,
@@ -225,7 +236,7 @@ def atom_times_features(x_window: torch.Tensor, beta: torch.Tensor, bases: torch
     _, n, h, virtual_width, m = beta.shape
     z = x_window.new_zeros((n, h * virtual_width, m, x_window.shape[3]))
     for i in range(geo.kernel_size[0]):
-        atoms = kernel_row_atoms(beta, bases, i)
+        atoms = kernel_row_atoms(beta, bases, i, layout)
         for sample in range(n):
             z[sample, : layout.reach].baddbmm_(atoms[:, sample, : layout.reach].permute(1, 2, 0),  # [reach, M, KW]
                                                kernel_row_taps(x_window, geo, layout, sample, i))
@@ -348,7 +359,8 @@ def atom_conv2d_reference_backward(
         dy[:, :, : layout.w] = chunk.of(grad_y).permute(0, 2, 3, 1)
         dy = dy.view(q, groups, geo.out_channels // groups)
         if need_weight:
-            z = atom_times_features(x_window, beta, bases_c, geo, layout).view(q, m, groups, geo.in_channels // groups)
+            z = zero_extra_columns(atom_times_features(x_window, beta, bases_c, geo, layout), layout, 1)
+            z = z.view(q, m, groups, geo.in_channels // groups)
             dweight_g.add_(torch.einsum("qgo,qmgc->gomc", dy, z))
         if not (need_x or need_atoms_grad):
             return
@@ -365,11 +377,12 @@ def atom_conv2d_reference_backward(
         dbeta = torch.zeros_like(beta) if need_coeff else None
         datoms = dz.new_zeros((*dz.shape[:3], kw)) if need_atoms_grad else None  # one kernel row's dA, 0 past reach
         for i in range(kh):  # everything per kernel row: its atoms, their gradient, its taps' dx
-            atoms = kernel_row_atoms(beta, bases_c, i)  # [KW, n, h*V, M]
+            atoms = kernel_row_atoms(beta, bases_c, i, layout)  # [KW, n, h*V, M]
             if need_atoms_grad:
                 for sample in range(layout.n):
                     torch.bmm(dz[sample, :reach], kernel_row_taps(x_window, geo, layout, sample, i).transpose(1, 2),
                               out=datoms[sample, :reach])
+                zero_extra_columns(datoms, layout, 1)
                 if need_bases:  # d Psi[l, i, j] += sum over pixels and atoms of beta[l, .] dA[., j]
                     dbases[:, i].addmm_(beta.flatten(1), datoms.flatten(0, 2))
                 if need_coeff:  # d beta[l, p, m] += sum_j Psi[l, i, j] dA[p, m, j]

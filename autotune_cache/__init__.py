@@ -12,13 +12,12 @@ and defaults only), TRITON_INTERPRET=1 (always the default config).
 """
 
 from .cache import AutotuneCache, autotune_enabled, cache_root, default_cache, get_config
-from .forward_footprint import forward_footprint
 from .keys import layer_shape
 from .prune import DeviceLimits, Footprint, prune_candidates, spilling_configs
 from .tune import register_tuner, time_launch
 
 __all__ = [
     "AutotuneCache", "DeviceLimits", "Footprint", "autotune_enabled", "cache_root", "default_cache",
-    "forward_footprint", "get_config", "layer_shape", "prune_candidates", "register_tuner", "spilling_configs",
+    "get_config", "layer_shape", "prune_candidates", "register_tuner", "spilling_configs",
     "time_launch",
 ]

@@ -1,7 +1,7 @@
 """Configs as the cache stores them: plain {field: int} dicts, whatever type a kernel uses.
 
 A kernel's configs are either mappings of ints or dataclasses of ints (such as
-`kernels.configs.ForwardConfig`); the cache turns them into dicts to store and compare them,
+`kernels.configs.TileConfig`); the cache turns them into dicts to store and compare them,
 and back into the kernel's own type, taken from the kernel's default config.
 """
 

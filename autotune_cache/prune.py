@@ -2,7 +2,8 @@
 what compiles to the same launch as another candidate, and tiles far larger than the problem.
 
 A kernel describes what one of its configs costs on one problem with a `Footprint` (see
-`forward_footprint` for the fused forward); `prune_candidates` keeps the configs worth timing.
+`kernels.forward.forward_footprint` for the fused forward, `kernels.backward` for the backward
+kernels); `prune_candidates` keeps the configs worth timing.
 """
 
 from __future__ import annotations

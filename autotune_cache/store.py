@@ -5,7 +5,7 @@ A file holds the configs tuned on one GPU with one Triton version:
     {"schema": 1, "gpu": "nvidia-h100-80gb-hbm3", "triton": "3.6.0",
      "entries": [{"kernel": "atom_conv2d_fwd", "dtype": "float16",
                   "bucket": {"atoms": 8, "c_in_g": 64, "c_out_g": 64, "pixels": 131072, "taps": 9},
-                  "config": {"block_p": 64, "block_o": 64, "block_k": 256, "num_warps": 8, "num_stages": 1},
+                  "config": {"num_warps": 4, "block_c": 16, "block_o": 64, "num_stages": 1},
                   "shape": {"atoms": 6, "c_in_g": 64, "c_out_g": 64, "pixels": 100352, "taps": 9},
                   "ms": 0.41, "default_ms": 0.47}]}
 

@@ -198,14 +198,15 @@ def atom_conv2d_bwd_weight_kernel(
     SPLITS,
     M: tl.constexpr, L: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_P: tl.constexpr, TAP_GROUPS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
-    M_DOT: tl.constexpr, FLAT_DY: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTERPRETED: tl.constexpr,
+    M_DOT: tl.constexpr, EVEN_C: tl.constexpr, FLAT_DY: tl.constexpr, WIDE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """x [N, C_in, H, W], β (coeff) [N, M*L, H_out, W_out], Ψ (bases) [L, KH, KW],
     dy [N, C_out, H_out, W_out], any strides -> dα partials (dw) [SPLITS, C_out,
     cdiv(C_in_g, BLOCK_C), M_DOT, BLOCK_C] float32 contiguous, packed like `pack_weight`:
     split s holds Σ over pixel tiles s, s + SPLITS, ... of dy @ Zᵀ. Columns that are padding
-    (channels past the group, atoms past M) hold garbage; the launcher drops them.
+    (channels past the group, atoms past M) hold garbage; the launcher drops them. EVEN_C:
+    C_in_g is a multiple of BLOCK_C.
 
     Grid (G * cdiv(C_out_g, BLOCK_O) * cdiv(C_in_g, BLOCK_C), SPLITS): the programs of one split
     are neighbours, so they read the same pixels from L2.
@@ -221,8 +222,6 @@ def atom_conv2d_bwd_weight_kernel(
 
     o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     o_mask = o < C_out_g
-    c = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
-    chan_mask = c < C_in_g
     dw = (tl.zeros([BLOCK_O, BLOCK_C], tl.float32),) * M
     for pixel_tile_id in range(split, N * tl.cdiv(H_out * W_out, BLOCK_P), SPLITS):
         n, pix, oh, ow, pix_mask = pixel_tile(pixel_tile_id, H_out, W_out, BLOCK_P, TAP_GROUPS, FLAT_DY)  # per column
@@ -236,8 +235,9 @@ def atom_conv2d_bwd_weight_kernel(
         taps = tap_geometry(oh, ow, pix_mask, H, W, SH, SW, PH, PW, DH, DW, stride_x_h, stride_x_w, KH, KW,
                             TAP_GROUPS, BLOCK_P, WIDE)
         x_pix = offset(oh * SH, stride_x_h, WIDE) + offset(ow * SW, stride_x_w, WIDE)
-        z = atom_times_features(x_ptr + n * stride_x_n + offset(group * C_in_g + c, stride_x_c, WIDE)[:, None]
-                                + x_pix[None, :], chan_mask, taps, atoms, M, PER_GROUP, BLOCK_C, COLUMNS)
+        z = atom_times_features(x_ptr + n * stride_x_n + offset(group * C_in_g + chunk * BLOCK_C, stride_x_c, WIDE)
+                                + x_pix, stride_x_c, C_in_g - chunk * BLOCK_C, taps, atoms, M, PER_GROUP, EVEN_C,
+                                BLOCK_C, COLUMNS, WIDE)
         # dy of each column's pixel: the dot then sums the tap groups' partial Z along with the pixels.
         dy = tl.load(dy_ptr + n * stride_dy_n + offset(group * C_out_g + o, stride_dy_c, WIDE)[:, None]
                      + pixel_offset(pix, oh, ow, stride_dy_h, stride_dy_w, FLAT_DY, WIDE)[None, :],
@@ -344,13 +344,10 @@ def atom_conv2d_bwd_input_kernel(
     for chunk in range(num_chunks):
         o = chunk * BLOCK_C + out_chan
         o_mask = o < C_out_g
-        dy_chunk = dy_ptr + offset(o, stride_dy_c, WIDE)[:, None]
-        u = (tl.zeros([BLOCK_C, COLUMNS], tl.float32),) * M
-        for k in tl.static_range(PER_GROUP):
-            dy_t = tl.load(dy_chunk + dy_taps[k][None, :], mask=o_mask[:, None] & tap_masks[k][None, :],
-                           other=0.0).to(tl.float32)
-            for m in tl.static_range(M):
-                u = add_at(u, m, atoms[k * M + m][None, :] * dy_t)
+        # U[m] [BLOCK_C, COLUMNS]: stage 2 with dy for x, at the output pixels that read each input pixel.
+        u = atom_times_features(dy_ptr + offset(chunk * BLOCK_C, stride_dy_c, WIDE), stride_dy_c,
+                                C_out_g - chunk * BLOCK_C, (dy_taps, (0,) * PER_GROUP, tap_masks), atoms, M,
+                                PER_GROUP, EVEN_C, BLOCK_C, COLUMNS, WIDE)
         acc = coefficient_sum(acc, u, w_ptr + chunk * (M_DOT * BLOCK_C), w_rows, c_mask, o_mask, M, EVEN_C,
                               ATOMS_PER_DOT, TAP_GROUPS, BLOCK_C, BLOCK_P, DOT_PRECISION, INTERPRETED)
 
@@ -417,8 +414,8 @@ def weight_grad_launch(x, atom_coeff, bases, grad_y, dweight_partials, geo: Atom
         **strides("stride_bases", "lhw", bases), **strides("stride_dy", "nchw", grad_y),
         SPLITS=splits, **_shape_args(geo),
         BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
-        M_DOT=_m_dot(geo, launch), FLAT_DY=pixel_run(grad_y), WIDE=needs_wide_offsets(x, atom_coeff, grad_y),
-        DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,
+        M_DOT=_m_dot(geo, launch), EVEN_C=c_in_g % launch.BLOCK_C == 0, FLAT_DY=pixel_run(grad_y),
+        WIDE=needs_wide_offsets(x, atom_coeff, grad_y), DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,
     )
     pixel_tiles = geo.batch * triton.cdiv(geo.out_size[0] * geo.out_size[1], launch.BLOCK_P)
     return Launch("atom_conv2d_bwd_weight", atom_conv2d_bwd_weight_kernel, args, (alpha_tiles, splits),

@@ -101,8 +101,8 @@ def atom_conv2d_fwd_kernel(
     for chunk in range(num_chunks):
         c = chunk * BLOCK_C + chan
         chan_mask = c < C_in_g
-        z = atom_times_features(x_ptr + offset(c, stride_x_c, WIDE)[:, None] + x_pix[None, :], chan_mask,
-                                taps, atoms, M, PER_GROUP, BLOCK_C, COLUMNS)
+        z = atom_times_features(x_ptr + offset(chunk * BLOCK_C, stride_x_c, WIDE) + x_pix, stride_x_c,
+                                C_in_g - chunk * BLOCK_C, taps, atoms, M, PER_GROUP, EVEN_C, BLOCK_C, COLUMNS, WIDE)
         acc = coefficient_sum(acc, z, w_ptr + chunk * (M_DOT * BLOCK_C), w_rows, o_mask, chan_mask, M, EVEN_C,
                               ATOMS_PER_DOT, TAP_GROUPS, BLOCK_C, BLOCK_P, DOT_PRECISION, INTERPRETED)
 

@@ -257,20 +257,47 @@ def scaled_to_unit_l1(atoms, M: tl.constexpr, PER_GROUP: tl.constexpr, TAP_GROUP
 
 
 @triton.jit
-def atom_times_features(x_ptrs, chan_mask, taps, atoms, M: tl.constexpr, PER_GROUP: tl.constexpr,
-                        BLOCK_C: tl.constexpr, COLUMNS: tl.constexpr):
+def atom_times_features(x_ptrs, stride_x_c, channels_left, taps, atoms, M: tl.constexpr, PER_GROUP: tl.constexpr,
+                        EVEN_C: tl.constexpr, BLOCK_C: tl.constexpr, COLUMNS: tl.constexpr, WIDE: tl.constexpr):
     """Stage 2 for one channel chunk: the tuple of M tiles Z[m] [BLOCK_C, COLUMNS] fp32,
     Z[m][c, q] = Σ_k A[m, t_k, q] · x[c, tap t_k of q] over the column's taps, x zero outside the
-    image (the padding). x_ptrs [BLOCK_C, COLUMNS] point at x[n, c, oh*SH, ow*SW]; taps as
-    `tap_geometry`, atoms as `pixel_atoms` make them."""
+    image (the padding) and for channels c >= channels_left (unless EVEN_C: none are). x_ptrs
+    [COLUMNS] point at x[n, the chunk's first channel, oh*SH, ow*SW]; taps as `tap_geometry`,
+    atoms as `pixel_atoms` make them.
+
+    Each channel is loaded and summed as a row [COLUMNS] of its own, and the rows are stacked
+    into Z at the end (`rows_tile`): a column's channels then stay in its thread with any Triton
+    (a 2-D load lets Triton 3.6 spread a pixel's channels over threads, and move every atom)."""
     row_offsets, column_offsets, masks = taps
-    z = (tl.zeros([BLOCK_C, COLUMNS], tl.float32),) * M
-    for k in tl.static_range(PER_GROUP):
-        x_tap = tl.load(x_ptrs + row_offsets[k] + column_offsets[k], mask=chan_mask[:, None] & masks[k][None, :],
-                        other=0.0).to(tl.float32)
-        for m in tl.static_range(M):
-            z = add_at(z, m, atoms[k * M + m][None, :] * x_tap)
+    z_rows = (tl.zeros([COLUMNS], tl.float32),) * (M * BLOCK_C)  # entry m*BLOCK_C + c: Z[m][c, :]
+    for c in tl.static_range(BLOCK_C):
+        x_chan = x_ptrs + offset(c, stride_x_c, WIDE)
+        for k in tl.static_range(PER_GROUP):
+            tap_mask = masks[k]
+            if not EVEN_C:
+                # (compared as a vector: the interpreter's bool scalar & vector is int32)
+                tap_mask = tap_mask & (tl.full([COLUMNS], c, tl.int32) < channels_left)
+            x_tap = tl.load(x_chan + row_offsets[k] + column_offsets[k], mask=tap_mask, other=0.0).to(tl.float32)
+            for m in tl.static_range(M):
+                z_rows = add_at(z_rows, m * BLOCK_C + c, atoms[k * M + m] * x_tap)
+    z = ()
+    for m in tl.static_range(M):
+        z = z + (rows_tile(z_rows[m * BLOCK_C:(m + 1) * BLOCK_C], BLOCK_C, COLUMNS),)
     return z
+
+
+@triton.jit
+def rows_tile(rows, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The inverse of `tile_rows`: a tuple of ROWS rows [COLS] (ROWS a power of two) as one tile
+    [ROWS, COLS] whose rows stay in the threads that hold them, by joining halves: rows i and
+    i + n/2 of n, so that the joined axes, read in order, spell each row's index."""
+    items = rows
+    for level in tl.static_range(ROWS.bit_length() - 1):
+        joined = ()
+        for i in tl.static_range(ROWS >> (level + 1)):
+            joined = joined + (tl.join(items[i], items[i + (ROWS >> (level + 1))]),)
+        items = joined
+    return tl.permute(tl.reshape(items[0], [COLS, ROWS]), (1, 0))
 
 
 @triton.jit

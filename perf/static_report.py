@@ -1,6 +1,7 @@
 """Static report: what every kernel compiles to for sm_80 and sm_90, and what it would issue, no GPU needed.
 
-    python -m perf.static_report [--json FILE] [--defaults-only]   every variant, compiled
+    python -m perf.static_report [--json FILE] [--defaults-only] [--k 3 5 7] [--jobs N]
+                                                                    every variant, compiled
     python -m perf.static_report --estimate [--k 3 7] [--json FILE] per kernel of one forward and one
                                                                     backward: warp-instructions per
                                                                     output pixel and lower bounds
@@ -28,8 +29,10 @@ DRAM) on an H100 SXM.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import functools
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -55,6 +58,8 @@ SHARED_LIMIT_BYTES = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 MMA_OPCODES = re.compile(r"\b(?:HMMA|HGMMA)\b")
 RESOURCE_RE = re.compile(r"REG:(\d+)\s+STACK:(\d+)")
 KERNEL_SIZES = (3, 5, 7)
+CANDIDATE_KERNEL_SIZES = (3,)
+"""Kernel sizes at which every candidate is compiled (the defaults: at every one of KERNEL_SIZES)."""
 """The kernel sizes the report compiles for: register pressure grows with the taps (K=7 spills
 where K=3 does not), so pruning by the report uses the records of the nearest kernel size."""
 PROBLEM = dict(batch=32, channels_in=64, channels_out=64, height=56, width=56, kernel_size=3, num_atoms=6,
@@ -165,22 +170,32 @@ def record(kernel: str, arch: str, dtype: torch.dtype, config: configs.TileConfi
 
 
 def build_report(archs=configs.ARCHS, dtypes=configs.KERNEL_DTYPES, kernel_sizes=KERNEL_SIZES,
-                 defaults_only: bool = False) -> list[dict]:
-    """Records for every kernel x candidate config x dtype x kernel size x arch (only the
-    defaults if asked); a progress line per kernel, dtype and kernel size on stderr."""
+                 defaults_only: bool = False, jobs: int = 1) -> list[dict]:
+    """Records for every kernel x dtype x kernel size x arch of the defaults and, at the kernel
+    sizes of CANDIDATE_KERNEL_SIZES among kernel_sizes (unless defaults_only), of every candidate
+    config; a progress line per kernel, dtype and kernel size on stderr. `jobs` processes compile
+    side by side (a 7x7 backward kernel takes minutes)."""
     if launch.INTERPRETING:
         raise RuntimeError("the static report compiles for GPUs: run it without TRITON_INTERPRET=1")
-    records = []
+    variants = []
     for kernel in KERNELS:
         for dtype in dtypes:
             for kernel_size in kernel_sizes:
                 print(f"static report: compiling {kernel} {str(dtype).removeprefix('torch.')} K={kernel_size} for "
-                      f"{', '.join(archs)} ({len(records)} variants so far)", file=sys.stderr, flush=True)
+                      f"{', '.join(archs)} ({len(variants)} variants so far)", file=sys.stderr, flush=True)
                 for config in configs.tile_candidates():
                     for arch in archs:
-                        if not defaults_only or config == configs.default_config(dtype, arch):
-                            records.append(record(kernel, arch, dtype, config, kernel_size))
-    return records
+                        default = config == configs.default_config(dtype, arch)
+                        if default or (not defaults_only and kernel_size in CANDIDATE_KERNEL_SIZES):
+                            variants.append((kernel, arch, dtype, config, kernel_size))
+    if jobs == 1:
+        return [record(*variant) for variant in variants]
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_record, variants))
+
+
+def _record(variant: tuple) -> dict:
+    return record(*variant)
 
 
 def format_table(records: list[dict]) -> str:
@@ -199,17 +214,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--defaults-only", action="store_true", help="compile only the default configs")
     parser.add_argument("--estimate", action="store_true",
                         help="warp-instructions per pixel and bounds of each launch of a forward and a backward")
-    parser.add_argument("--k", type=int, nargs="+", default=[3, 7], help="kernel sizes of --estimate")
+    parser.add_argument("--k", type=int, nargs="+", help="kernel sizes (default: 3 5 7; with --estimate 3 7)")
+    parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     args = parser.parse_args(argv)
     if args.estimate:
         from .sass_estimate import estimate_problem, format_estimates
 
-        estimates = [row for k in args.k for row in estimate_problem(problem_at(k), torch.float16)]
+        estimates = [row for k in args.k or (3, 7) for row in estimate_problem(problem_at(k), torch.float16)]
         if args.json:
             args.json.write_text(json.dumps(estimates, indent=1))
         print(format_estimates(estimates))
         return 0
-    records = build_report(defaults_only=args.defaults_only)
+    records = build_report(kernel_sizes=tuple(args.k or KERNEL_SIZES), defaults_only=args.defaults_only,
+                           jobs=args.jobs)
     if args.json:
         args.json.write_text(json.dumps(records, indent=1))
     print(format_table(records))

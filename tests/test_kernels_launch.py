@@ -32,7 +32,7 @@ def _index_helpers_kernel(index_ptr, stride, pid_ptr, H_out, W_out, offset_ptr, 
                           BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
     tl.store(offset_ptr + i, tiles.offset(tl.load(index_ptr + i), stride, True))
-    n, oh, ow, _ = tiles.pixel_tile(tl.load(pid_ptr), H_out, W_out, BLOCK)
+    n, _, oh, ow, _ = tiles.pixel_tile(tl.load(pid_ptr), H_out, W_out, BLOCK, 1, 1)
     tl.store(n_ptr + i, n + i * 0)
     tl.store(oh_ptr + i, oh)
     tl.store(ow_ptr + i, ow)

@@ -45,7 +45,7 @@ def atom_conv2d_decomposed(x: torch.Tensor, atom_coeff: torch.Tensor, bases: tor
 
     # 3. coefficient sum, per group: y [N, G, C_out/G, P] = weight [G, C_out/G, M*C_in/G] @ Z [N, G, M*C_in/G, P]
     z = z.reshape(n, m, groups, c_in // groups, pixels).transpose(1, 2).reshape(n, groups, m * c_in // groups, pixels)
-    y = torch.matmul(grouped_weight(weight.to(ctype), groups), z).reshape(n, c_out, h_out, w_out)
+    y = torch.matmul(grouped_weight(weight.to(ctype), groups).flatten(2), z).reshape(n, c_out, h_out, w_out)
     if bias is not None:
         y = y + bias.to(ctype).reshape(1, c_out, 1, 1)
     return y.to(x.dtype)

@@ -1,16 +1,18 @@
-"""Everything a lent GPU should measure, in one command (well inside 10 minutes on an H100):
+"""Everything a lent GPU should measure, in one command:
 
     python -m perf.gpu_session [--out DIR] [--archive FILE.tar.gz] [--skip STEP ...]
 
-Steps, each logged to DIR/<step>.log and timed, one failing does not stop the others:
+Steps, in this order (the most wanted numbers first), each logged to DIR/<step>.log, timed and
+bounded in time (STEP_TIMEOUT_S per command); one failing does not stop the others:
+  kernels each Triton launch of one forward and one backward of the perf problem (N=32,
+          C=64, 56x56, M=6, float16; K=3, then K=7 in a process of its own) timed on its own,
+          next to the static report of the K=3 defaults compiled by this machine's Triton
+          (DIR/static_report.json);
   tests   the whole test suite on this GPU (the `cuda`-marked tests included), in parallel
           with pytest-xdist when it is installed; JUnit XML in DIR/tests.xml;
   tune    every shape of the `gpu` perf grid tuned (forward and backward kernels, float16) into
           a fresh cache, exported as the shipped table autotune_cache/tables/<gpu>.json;
   sweep   `python -m perf --grid gpu` with those configs: CSV, plots and report in DIR;
-  kernels each Triton launch of one forward and one backward of the perf problem (N=32,
-          C=64, 56x56, M=6, float16, K=3 and 7) timed on its own, next to the static report
-          of the same kernels compiled by this machine's Triton (DIR/static_report.json);
 then DIR/summary.md: the target ratios (fused forward vs conv2d at K=3 and K=7, forward+backward
 vs the paper's algorithm, peak memory vs the paper's, backward/forward), tuned vs default config
 per shape, per-kernel times, test results, and the machine.
@@ -33,8 +35,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("tests", "tune", "sweep", "kernels")
-STEP_TIMEOUT_S = {"tests": 300, "tune": 240, "sweep": 240, "kernels": 180}
+STEPS = ("kernels", "tests", "tune", "sweep")
+STEP_TIMEOUT_S = {"kernels": 240, "tests": 300, "tune": 240, "sweep": 240}
 """Wall-clock limit of each step: together well inside 10 minutes and 30 of a lent GPU."""
 
 
@@ -130,14 +132,15 @@ class Session:
         return self._command("sweep", [sys.executable, "-m", "perf", "--grid", "gpu", "--out", str(self.out)], env)
 
     def step_kernels(self) -> bool:
+        # K=3 first, each kernel size in a process of its own: 7x7 kernels take minutes to compile,
+        # and a K=7 timing that runs out of time must not lose the K=3 one.
         env = {**self.env, "ATOMCONV_CACHE_DIR": str(self.cache_dir)}
-        static = self._command("kernels", [sys.executable, "-m", "perf.static_report", "--defaults-only", "--json",
-                                           str(self.out / "static_report.json")], env)
-        from .kernel_times import time_kernels
-
-        rows = time_kernels(kernel_sizes=(3, 7))
-        (self.out / "kernel_times.json").write_text(json.dumps(rows, indent=1))
-        return static and bool(rows)
+        static = self._command("kernels", [sys.executable, "-m", "perf.static_report", "--defaults-only", "--k", "3",
+                                           "--jobs", str(min(8, os.cpu_count() or 1)),
+                                           "--json", str(self.out / "static_report.json")], env)
+        timed = [self._command("kernels", [sys.executable, "-m", "perf.kernel_times", "--k", str(k),
+                                           "--json", str(self.out / "kernel_times.json")], env) for k in (3, 7)]
+        return static and all(timed)
 
     def summary(self) -> str:
         from .gpu_summary import summarise

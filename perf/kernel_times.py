@@ -5,11 +5,17 @@ such as the sums of partials) is timed by `torch.profiler` over REPEATS calls an
 call, next to the whole direction timed with `do_bench` and a static `F.conv2d` of the same
 channels (cuDNN) as the anchor. Problem: N=32, C_in=C_out=64, 56x56, M=6, L=6*(K//2), float16,
 "same" padding, as the static report and the issue targets use.
+
+    python -m perf.kernel_times --k 3 7 --json FILE   (rows added to FILE's, if it exists)
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
+import json
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -80,3 +86,19 @@ def time_kernels(kernel_sizes=(3, 7)) -> list[dict]:
             rows.append({"kernel_size": k, "direction": direction, "what": "cudnn conv2d",
                          "us": 1e3 * do_bench(static[direction])})
     return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--k", type=int, nargs="+", default=[3, 7], help="kernel sizes")
+    parser.add_argument("--json", type=Path, required=True, help="add the rows to this file")
+    args = parser.parse_args(argv)
+    rows = json.loads(args.json.read_text()) if args.json.exists() else []
+    for k in args.k:  # written after each kernel size: a later one timing out keeps the earlier rows
+        rows += time_kernels(kernel_sizes=(k,))
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--defaults-only", action="store_true", help="compile only the default configs")
     parser.add_argument("--estimate", action="store_true",
                         help="warp-instructions per pixel and bounds of each launch of a forward and a backward")
-    parser.add_argument("--k", type=int, nargs="+", help="kernel sizes (default: 3 5 7; with --estimate 3 7)")
+    parser.add_argument("--k", type=int, nargs="+",
+                        help="kernel sizes (default: 3, what kernels/static_report.json holds; with --estimate 3 7)")
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     args = parser.parse_args(argv)
     if args.estimate:
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(estimates, indent=1))
         print(format_estimates(estimates))
         return 0
-    records = build_report(kernel_sizes=tuple(args.k or KERNEL_SIZES), defaults_only=args.defaults_only,
+    records = build_report(kernel_sizes=tuple(args.k or CANDIDATE_KERNEL_SIZES), defaults_only=args.defaults_only,
                            jobs=args.jobs)
     if args.json:
         args.json.write_text(json.dumps(records, indent=1))

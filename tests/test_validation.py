@@ -83,10 +83,10 @@ def test_zero_channels_are_named(change, message):
 
 
 def test_int32_indexing_limit_is_named():
-    from kernels.forward import check_int32_indexing
+    from kernels.launch import check_int32_indexing
 
     check_int32_indexing("N*H*W", 2**31 - 64, 64, 1000)  # fits
-    with pytest.raises(ValueError, match=r"N\*H\*W = 2147483647 needs"):
+    with pytest.raises(ValueError, match=r"N\*H\*W = 2147483647 pixels per sample need"):
         check_int32_indexing("N*H*W", 2**31 - 1, 64, 1000)  # padded to a whole tile, it passes 2**31
     with pytest.raises(ValueError, match="over 2\\*\\*31"):
         check_int32_indexing("N*H_out*W_out", 1024, 64, 2**31)

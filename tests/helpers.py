@@ -82,3 +82,12 @@ GEOMETRIES = [
     (1, 3, 4, (9, 8), 7, 1, 3, 1, 1, True, 2, 6),  # 7x7, padding 3
     (1, 2, 3, (5, 6), 3, 2, 3, 1, 1, False, 3, 2),  # padding wider than the kernel's reach
 ]
+
+
+def train_step(model, optimizer, x):
+    """One SGD-style step on the loss mean(model(x)**2); returns the loss (detached)."""
+    optimizer.zero_grad()
+    loss = model(x).square().mean()
+    loss.backward()
+    optimizer.step()
+    return loss.detach()

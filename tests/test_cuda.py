@@ -21,7 +21,7 @@ import kernels
 from atomconv import AtomConv2d, atom_conv2d
 from atomconv.reference import atom_conv2d_reference
 from atomconv.validation import validate_atom_conv2d
-from helpers import GEOMETRIES, REL_TOL, make_problem
+from helpers import GEOMETRIES, REL_TOL, make_problem, train_step
 
 pytestmark = pytest.mark.cuda
 REPO = Path(__file__).resolve().parents[1]
@@ -66,21 +66,13 @@ def _network():
     ).cuda()
 
 
-def _train_step(model, optimizer, x):
-    optimizer.zero_grad()
-    loss = model(x).square().mean()
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
-
-
 def test_compile_fullgraph_with_inductor_equals_eager():
     eager = _network()
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True)
     x = torch.randn(2, 3, 17, 15, device="cuda")
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-4)
-    losses = [_train_step(m, torch.optim.SGD(p.parameters(), lr=0.1), x)
+    losses = [train_step(m, torch.optim.SGD(p.parameters(), lr=0.1), x)
               for m, p in ((eager, eager), (compiled, compiled_model))]
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
     for (name, p_eager), p_compiled in zip(eager.named_parameters(), compiled_model.parameters()):
@@ -110,7 +102,7 @@ def test_cuda_graph_capture_of_a_forward_and_a_training_step():
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm up outside the capture: compiles the kernels, tunes nothing
         for _ in range(2):
-            _train_step(model, optimizer, x)
+            train_step(model, optimizer, x)
     torch.cuda.current_stream().wait_stream(side)
 
     model.eval()

@@ -13,6 +13,8 @@ from torch import nn
 from atomconv import AtomConv2d, atom_conv2d
 from atomconv.op import atom_conv2d_backward_op, atom_conv2d_op
 
+from helpers import train_step
+
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs a GPU or Triton's interpreter")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,14 +87,6 @@ def _network(backend):
     ).to(DEVICE)
 
 
-def _train_step(model, optimizer, x):
-    optimizer.zero_grad()
-    loss = model(x).square().mean()
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
-
-
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_compile_fullgraph_forward_and_training_step_equal_eager(backend):
     eager = _network(backend)
@@ -100,7 +94,7 @@ def test_compile_fullgraph_forward_and_training_step_equal_eager(backend):
     compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 3, 6, 5, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-6, atol=1e-6)
-    losses = [_train_step(m, torch.optim.SGD(p.parameters(), lr=0.1), x)
+    losses = [train_step(m, torch.optim.SGD(p.parameters(), lr=0.1), x)
               for m, p in ((eager, eager), (compiled, compiled_model))]
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
     for (name, p_eager), p_compiled in zip(eager.named_parameters(), compiled_model.parameters()):
@@ -121,7 +115,7 @@ def test_compile_with_inductor_on_cpu_forward_and_training_step_equal_eager():
     compiled = torch.compile(compiled_model, fullgraph=True)
     x = torch.randn(2, 3, 6, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     torch.testing.assert_close(compiled(x), eager(x))
-    losses = [_train_step(m, torch.optim.SGD(p.parameters(), lr=0.1), x)
+    losses = [train_step(m, torch.optim.SGD(p.parameters(), lr=0.1), x)
               for m, p in ((eager, eager), (compiled, compiled_model))]
     torch.testing.assert_close(losses[1], losses[0])
     for (name, p_eager), p_compiled in zip(eager.named_parameters(), compiled_model.parameters()):

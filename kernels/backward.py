@@ -64,9 +64,9 @@ from .configs import (TileConfig, TileLaunch, arch_of, fit_tile_config, tile_can
                       tuned_config, weight_grad_splits)
 from .forward import forward_footprint, pack_weight
 from .launch import INTERPRETING, Launch, check_runnable, dot_precision, pixel_run, needs_wide_offsets, strides
-from .tiles import (add_at, atom_l1_bound, atom_times_features, coefficient_sum, column_tap, dot_operand, offset,
-                    pixel_atoms, pixel_offset, pixel_sum, pixel_tile, pow2_scale, scaled_atoms, scaled_to_unit_l1,
-                    tap_geometry, tile_rows, to_columns)
+from .tiles import (add_at, atom_l1_bound, atom_times_features, basis_at_tap, basis_coefficients, coefficient_sum,
+                    column_tap, dot_operand, offset, pixel_atoms, pixel_offset, pixel_sum, pixel_tile, pow2_scale,
+                    scaled_atoms, scaled_to_unit_l1, tap_geometry, tile_rows, to_columns)
 
 
 @triton.jit
@@ -152,11 +152,7 @@ def atom_conv2d_bwd_coeff_kernel(
         d_beta = (tl.zeros([COLUMNS], tl.float32),) * M
         for k in tl.static_range(PER_GROUP):
             t, exists = column_tap(k, TAPS, TAP_GROUPS, BLOCK_P)
-            psi_ptr = bases_ptr + l * stride_bases_l + (t // KW) * stride_bases_h + (t % KW) * stride_bases_w
-            if TAP_GROUPS == 1:
-                psi = tl.load(psi_ptr).to(tl.float32)
-            else:
-                psi = tl.load(psi_ptr, mask=exists, other=0.0).to(tl.float32)
+            psi = basis_at_tap(bases_ptr, l, t, exists, stride_bases_l, stride_bases_h, stride_bases_w, KW, TAP_GROUPS)
             for m in tl.static_range(M):
                 d_beta = add_at(d_beta, m, d_atoms[k * M + m] * psi)
         for m in tl.static_range(M):
@@ -168,11 +164,8 @@ def atom_conv2d_bwd_coeff_kernel(
         coeff_pix = offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE)
         partials = dbases_ptr + pid.to(tl.int64) * (L * TAPS)
         for l in tl.static_range(L):
-            betas = ()
-            for m in tl.static_range(M):
-                # Pixels past the end have zero dA, but an Inf in β there must not meet it: β is 0 there.
-                betas = betas + (tl.load(coeff_ptr + offset(m * L + l, stride_coeff_c, WIDE) + coeff_pix,
-                                         mask=pix_mask, other=0.0).to(tl.float32),)
+            # Pixels past the end have zero dA, but an Inf in β there must not meet it: β is 0 there.
+            betas = basis_coefficients(coeff_ptr, coeff_pix, pix_mask, l, stride_coeff_c, M, L, WIDE)
             for k in tl.static_range(PER_GROUP):
                 per_column = tl.zeros([COLUMNS], tl.float32)
                 for m in tl.static_range(M):
@@ -315,15 +308,10 @@ def atom_conv2d_bwd_input_kernel(
             tap_ok = tap_ok & exists
         coeff_pix = offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE)
         for l in tl.static_range(L):
-            psi_ptr = bases_ptr + l * stride_bases_l + (t // KW) * stride_bases_h + (t % KW) * stride_bases_w
-            if TAP_GROUPS == 1:
-                psi = tl.load(psi_ptr).to(tl.float32)
-            else:
-                psi = tl.load(psi_ptr, mask=exists, other=0.0).to(tl.float32)
+            psi = basis_at_tap(bases_ptr, l, t, exists, stride_bases_l, stride_bases_h, stride_bases_w, KW, TAP_GROUPS)
+            betas = basis_coefficients(coeff_ptr, coeff_pix, tap_ok, l, stride_coeff_c, M, L, WIDE)
             for m in tl.static_range(M):
-                beta = tl.load(coeff_ptr + offset(m * L + l, stride_coeff_c, WIDE) + coeff_pix, mask=tap_ok,
-                               other=0.0).to(tl.float32)
-                atoms = add_at(atoms, k * M + m, beta * psi)
+                atoms = add_at(atoms, k * M + m, betas[m] * psi)
         dy_taps = dy_taps + (offset(oh, stride_dy_h, WIDE) + offset(ow, stride_dy_w, WIDE),)
         tap_masks = tap_masks + (tap_ok,)
     # Taps no output pixel reads add nothing (their masked β times an Inf in Ψ would add NaN).

@@ -184,6 +184,29 @@ def pow2_scale(bound):
 
 
 @triton.jit
+def basis_at_tap(bases_ptr, l, t, exists, stride_bases_l, stride_bases_h, stride_bases_w, KW: tl.constexpr,
+                 TAP_GROUPS: tl.constexpr):
+    """Ψ[l, t] fp32 for each column's tap t (`column_tap`: a scalar with one tap group, else a
+    vector, 0 where the tap does not exist)."""
+    psi_ptr = bases_ptr + l * stride_bases_l + (t // KW) * stride_bases_h + (t % KW) * stride_bases_w
+    if TAP_GROUPS == 1:
+        return tl.load(psi_ptr).to(tl.float32)
+    return tl.load(psi_ptr, mask=exists, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def basis_coefficients(coeff_ptr, coeff_pix, mask, l, stride_coeff_c, M: tl.constexpr, L: tl.constexpr,
+                       WIDE: tl.constexpr):
+    """The tuple of the M coefficients β[m*L + l] fp32 of basis l at each column's pixel
+    (coeff_ptr at the sample's β, coeff_pix the column's pixel in it), 0 where mask is false."""
+    betas = ()
+    for m in tl.static_range(M):
+        betas = betas + (tl.load(coeff_ptr + offset(m * L + l, stride_coeff_c, WIDE) + coeff_pix, mask=mask,
+                                 other=0.0).to(tl.float32),)
+    return betas
+
+
+@triton.jit
 def pixel_atoms(coeff_ptr, coeff_pix, coeff_mask, stride_coeff_c, bases_ptr, stride_bases_l, stride_bases_h,
                 stride_bases_w, M: tl.constexpr, L: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                 TAP_GROUPS: tl.constexpr, BLOCK_P: tl.constexpr, WIDE: tl.constexpr):
@@ -198,10 +221,7 @@ def pixel_atoms(coeff_ptr, coeff_pix, coeff_mask, stride_coeff_c, bases_ptr, str
     # Bases outermost: each β and Ψ value is used as soon as it is loaded (Ψ[l, t] by every atom),
     # so only the atoms stay live, not all L*KH*KW of Ψ (the register pressure of a large kernel).
     for l in tl.static_range(L):
-        betas = ()
-        for m in tl.static_range(M):
-            betas = betas + (tl.load(coeff_ptr + offset(m * L + l, stride_coeff_c, WIDE) + coeff_pix,
-                                     mask=coeff_mask, other=0.0).to(tl.float32),)
+        betas = basis_coefficients(coeff_ptr, coeff_pix, coeff_mask, l, stride_coeff_c, M, L, WIDE)
         for k in tl.static_range(PER_GROUP):
             t, exists = column_tap(k, TAPS, TAP_GROUPS, BLOCK_P)
             psi_ptrs = bases_ptr + l * stride_bases_l + (t // KW) * stride_bases_h + (t % KW) * stride_bases_w \

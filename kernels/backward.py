@@ -273,8 +273,8 @@ def atom_conv2d_bwd_input_kernel(
     stride_dx_n, stride_dx_c, stride_dx_h, stride_dx_w,
     M: tl.constexpr, L: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_P: tl.constexpr, TAP_GROUPS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
-    ATOMS_PER_DOT: tl.constexpr, EVEN_C: tl.constexpr, FLAT_DX: tl.constexpr, WIDE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    ATOMS_PER_DOT: tl.constexpr, EVEN_C: tl.constexpr, FLAT_DX: tl.constexpr, UNIT_STRIDE: tl.constexpr,
+    WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """dy [N, C_out, H_out, W_out], β (coeff) [N, M*L, H_out, W_out], Ψ (bases) [L, KH, KW],
     α (w) transposed per group and packed (`pack_transposed_weight`) -> dx [N, C_in, H, W]; any
@@ -283,6 +283,8 @@ def atom_conv2d_bwd_input_kernel(
     The forward's tiling of the transposed problem: BLOCK_P input pixels (times TAP_GROUPS
     columns), BLOCK_O input channels (the dot's rows), output channels reduced in chunks of
     BLOCK_C. 1-D grid of N * cdiv(H*W, BLOCK_P) * G * cdiv(C_in_g, BLOCK_O) programs.
+    UNIT_STRIDE: SH == SW == 1, so the output pixel that reads q through a tap is q shifted by a
+    constant: with one tap group, a tap's dy and β offsets are then one vector plus a scalar.
     """
     TAPS: tl.constexpr = KH * KW
     PER_GROUP: tl.constexpr = (TAPS + TAP_GROUPS - 1) // TAP_GROUPS
@@ -297,6 +299,12 @@ def atom_conv2d_bwd_input_kernel(
 
     # The atoms that reach each input pixel: tap t's atoms at the output pixel p_t(q) that reads
     # it, zero where no output pixel does (then dy reads 0 there too), and where dy is read.
+    SHIFTED: tl.constexpr = UNIT_STRIDE and TAP_GROUPS == 1
+    if SHIFTED:  # dy and β offsets of q, which each tap shifts by a scalar
+        dy_pix = offset(ih, stride_dy_h, WIDE) + offset(iw, stride_dy_w, WIDE)
+        coeff_q = offset(ih, stride_coeff_h, WIDE) + offset(iw, stride_coeff_w, WIDE)
+    else:
+        dy_pix = 0
     atoms = (tl.zeros([COLUMNS], tl.float32),) * (PER_GROUP * M)
     dy_taps = ()
     tap_masks = ()
@@ -306,13 +314,19 @@ def atom_conv2d_bwd_input_kernel(
         ow, tap_ok = _reading_output_coord(iw, PW, (t % KW) * DW, SW, W_out, row_ok)
         if TAP_GROUPS > 1:
             tap_ok = tap_ok & exists
-        coeff_pix = offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE)
+        if SHIFTED:
+            dy_tap = offset(PH - (t // KW) * DH, stride_dy_h, WIDE) + offset(PW - (t % KW) * DW, stride_dy_w, WIDE)
+            coeff_pix = coeff_q + offset(PH - (t // KW) * DH, stride_coeff_h, WIDE) \
+                + offset(PW - (t % KW) * DW, stride_coeff_w, WIDE)
+        else:
+            dy_tap = offset(oh, stride_dy_h, WIDE) + offset(ow, stride_dy_w, WIDE)
+            coeff_pix = offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE)
         for l in tl.static_range(L):
             psi = basis_at_tap(bases_ptr, l, t, exists, stride_bases_l, stride_bases_h, stride_bases_w, KW, TAP_GROUPS)
             betas = basis_coefficients(coeff_ptr, coeff_pix, tap_ok, l, stride_coeff_c, M, L, WIDE)
             for m in tl.static_range(M):
                 atoms = add_at(atoms, k * M + m, betas[m] * psi)
-        dy_taps = dy_taps + (offset(oh, stride_dy_h, WIDE) + offset(ow, stride_dy_w, WIDE),)
+        dy_taps = dy_taps + (dy_tap,)
         tap_masks = tap_masks + (tap_ok,)
     # Taps no output pixel reads add nothing (their masked β times an Inf in Ψ would add NaN).
     zeroed = ()
@@ -333,7 +347,7 @@ def atom_conv2d_bwd_input_kernel(
         o = chunk * BLOCK_C + out_chan
         o_mask = o < C_out_g
         # U[m] [BLOCK_C, COLUMNS]: stage 2 with dy for x, at the output pixels that read each input pixel.
-        u = atom_times_features(dy_ptr + offset(chunk * BLOCK_C, stride_dy_c, WIDE), stride_dy_c,
+        u = atom_times_features(dy_ptr + offset(chunk * BLOCK_C, stride_dy_c, WIDE) + dy_pix, stride_dy_c,
                                 C_out_g - chunk * BLOCK_C, (dy_taps, (0,) * PER_GROUP, tap_masks), atoms, M,
                                 PER_GROUP, EVEN_C, BLOCK_C, COLUMNS, WIDE)
         acc = coefficient_sum(acc, u, w_ptr + chunk * (M_DOT * BLOCK_C), w_rows, c_mask, o_mask, M, EVEN_C,
@@ -424,7 +438,7 @@ def input_grad_launch(atom_coeff, bases, weight, grad_y, dx, geo: AtomConvGeomet
         **strides("stride_bases", "lhw", bases), **strides("stride_dx", "nchw", dx), **_shape_args(geo),
         BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
         ATOMS_PER_DOT=launch.ATOMS_PER_DOT, EVEN_C=c_out_g % launch.BLOCK_C == 0, FLAT_DX=pixel_run(dx),
-        WIDE=needs_wide_offsets(grad_y, atom_coeff, dx),
+        UNIT_STRIDE=geo.stride == (1, 1), WIDE=needs_wide_offsets(grad_y, atom_coeff, dx),
         DOT_PRECISION=dot_precision(dx.dtype), INTERPRETED=INTERPRETING,
     )
     return Launch("atom_conv2d_bwd_input", atom_conv2d_bwd_input_kernel, args, (programs,), launch.num_warps,

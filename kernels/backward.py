@@ -60,12 +60,12 @@ import autotune_cache
 from atomconv.validation import AtomConvGeometry, output_layout, validate_atom_conv2d
 
 from . import launch as launching
-from .configs import (TileConfig, TileLaunch, arch_of, fit_tile_config, tile_candidates, default_config,
-                      tuned_config, weight_grad_splits)
+from .configs import (TileConfig, TileLaunch, arch_of, fit_tile_config, pow2_at_least, tile_candidates,
+                      default_config, tuned_config, weight_grad_splits)
 from .forward import forward_footprint, pack_weight
 from .launch import INTERPRETING, Launch, check_runnable, dot_precision, pixel_run, needs_wide_offsets, strides
 from .tiles import (add_at, atom_l1_bound, atom_times_features, basis_at_tap, basis_coefficients, coefficient_sum,
-                    column_tap, dot_operand, offset, pixel_atoms, pixel_offset, pixel_sum, pixel_tile, pow2_scale,
+                    column_blocks, column_tap, dot_operand, offset, pixel_atoms, pixel_offset, pixel_sum, pixel_tile, pow2_scale,
                     scaled_atoms, scaled_to_unit_l1, tap_geometry, tile_rows, to_columns)
 
 
@@ -81,8 +81,8 @@ def atom_conv2d_bwd_coeff_kernel(
     stride_dcoeff_n, stride_dcoeff_c, stride_dcoeff_h, stride_dcoeff_w,
     M: tl.constexpr, L: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_P: tl.constexpr, TAP_GROUPS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
-    M_DOT: tl.constexpr, BASES_GRAD: tl.constexpr, FLAT_DY: tl.constexpr, WIDE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    M_DOT: tl.constexpr, DZ_ATOMS: tl.constexpr, BASES_GRAD: tl.constexpr, FLAT_DY: tl.constexpr,
+    WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """x [N, C_in, H, W], β (coeff) [N, M*L, H_out, W_out], Ψ (bases) [L, KH, KW], α (w) packed
     like the forward's (`pack_weight`, M_DOT atoms per chunk), dy [N, C_out, H_out, W_out] ->
@@ -90,8 +90,9 @@ def atom_conv2d_bwd_coeff_kernel(
     KH*KW] float32 contiguous. Any strides elsewhere (dy may be an expanded, stride-0 tensor).
 
     1-D grid of N * cdiv(H_out*W_out, BLOCK_P) programs; each loops over the channel chunks of
-    every group, since dβ sums over all of them. BLOCK_O output channels per step of dZ's dot.
-    With TAP_GROUPS > 1 each column (one pixel's group of taps) has the dZ of its pixel.
+    every group, since dβ sums over all of them. BLOCK_O output channels per step of dZ's dots,
+    DZ_ATOMS (a power of two, `dz_atoms`) atoms per dot. With TAP_GROUPS > 1 each column (one
+    pixel's group of taps) has the dZ of its pixel.
     """
     TAPS: tl.constexpr = KH * KW
     PER_GROUP: tl.constexpr = (TAPS + TAP_GROUPS - 1) // TAP_GROUPS
@@ -110,13 +111,15 @@ def atom_conv2d_bwd_coeff_kernel(
     w_row = num_chunks * M_DOT * BLOCK_C  # length of a packed α row
     chan = tl.arange(0, BLOCK_C)
     out_chan = tl.arange(0, BLOCK_O)
+    dz_cols = tl.arange(0, DZ_ATOMS * BLOCK_C)
     d_atoms = (tl.zeros([COLUMNS], tl.float32),) * (PER_GROUP * M)  # entry k*M + m: dA[m, the column's tap k]
     for group in range(G):
         for chunk in range(num_chunks):
             c = chunk * BLOCK_C + chan
             chan_mask = c < C_in_g
             # dZᵀ[m] [COLUMNS, BLOCK_C] = dyᵀ @ α_m over the group's output channels (pixels as the
-            # dot's rows: BLOCK_C may be 8, below a tensor-core tile's 16 rows).
+            # dot's rows: BLOCK_C may be 8, below a tensor-core tile's 16 rows), DZ_ATOMS atoms per
+            # dot: each dot reads dyᵀ from shared memory once for all its columns.
             dz = (tl.zeros([COLUMNS, BLOCK_C], tl.float32),) * M
             for o0 in range(0, C_out_g, BLOCK_O):
                 o = o0 + out_chan
@@ -124,11 +127,17 @@ def atom_conv2d_bwd_coeff_kernel(
                 # dyᵀ [COLUMNS, BLOCK_O], loaded as such: pixels are the contiguous (coalesced) axis.
                 dy_t = tl.load(dy_ptr + dy_pix[:, None] + offset(group * C_out_g + o, stride_dy_c, WIDE)[None, :],
                                mask=pix_mask[:, None] & o_mask[None, :], other=0.0)
-                w_t = w_ptr + ((group * C_out_g + o) * w_row)[:, None] + (chunk * M_DOT * BLOCK_C + chan)[None, :]
-                for m in tl.static_range(M):
-                    alpha = tl.load(w_t + m * BLOCK_C, mask=o_mask[:, None], other=0.0)  # [BLOCK_O, BLOCK_C]
-                    dz = add_at(dz, m, tl.dot(dot_operand(dy_t, dtype, INTERPRETED),
-                                              dot_operand(alpha, dtype, INTERPRETED), input_precision=DOT_PRECISION))
+                w_t = w_ptr + ((group * C_out_g + o) * w_row)[:, None] + (chunk * M_DOT * BLOCK_C + dz_cols)[None, :]
+                for m in tl.static_range(0, M, DZ_ATOMS):
+                    # α of atoms m .. m + DZ_ATOMS - 1 [BLOCK_O, DZ_ATOMS * BLOCK_C], zero past M.
+                    alpha = tl.load(w_t + m * BLOCK_C, mask=o_mask[:, None] & (dz_cols < (M - m) * BLOCK_C)[None, :],
+                                    other=0.0)
+                    dz_block = tl.dot(dot_operand(dy_t, dtype, INTERPRETED), dot_operand(alpha, dtype, INTERPRETED),
+                                      input_precision=DOT_PRECISION)
+                    parts = column_blocks(dz_block, DZ_ATOMS, COLUMNS, BLOCK_C)
+                    for i in tl.static_range(DZ_ATOMS):
+                        if m + i < M:
+                            dz = add_at(dz, m + i, parts[i])
             # Padding lanes of dZ are exactly zero: an Inf tap there must not make NaN.
             valid = chan_mask[:, None] & pix_mask[None, :]
             dz_rows = ()  # dz_rows[m][k] [COLUMNS]: dZ[m] of channel k of the chunk
@@ -378,6 +387,18 @@ def _m_dot(geo: AtomConvGeometry, launch: TileLaunch) -> int:
     return launch.ATOMS_PER_DOT * triton.cdiv(geo.num_atoms, launch.ATOMS_PER_DOT)
 
 
+DZ_DOT_COLUMNS = 64
+"""At most this many columns of dZ per dβ dot (its fp32 accumulator: DZ_DOT_COLUMNS registers per
+thread at 32 * num_warps pixels per tile)."""
+
+
+def dz_atoms(geo: AtomConvGeometry, launch: TileLaunch) -> int:
+    """Atoms per dZ dot in the dβ kernel: M rounded up to a power of two, at most
+    DZ_DOT_COLUMNS // BLOCK_C (at least one). Fewer, wider dots read dyᵀ from shared memory fewer
+    times (at K=3, fp16, sm_90: 55 wavefronts per pixel with one atom per dot, 16 with eight)."""
+    return max(1, min(pow2_at_least(geo.num_atoms), DZ_DOT_COLUMNS // launch.BLOCK_C))
+
+
 def coeff_grad_launch(x, atom_coeff, bases, weight, grad_y, dcoeff, dbases, geo: AtomConvGeometry,
                       launch: TileLaunch) -> Launch:
     """The dβ kernel's launch (dbases None: no dΨ, BASES_GRAD off; else [programs, L, KH*KW])."""
@@ -390,7 +411,8 @@ def coeff_grad_launch(x, atom_coeff, bases, weight, grad_y, dcoeff, dbases, geo:
         **strides("stride_bases", "lhw", bases), **strides("stride_dy", "nchw", grad_y),
         **strides("stride_dcoeff", "nchw", dcoeff), **_shape_args(geo),
         BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
-        M_DOT=_m_dot(geo, launch), BASES_GRAD=dbases is not None, FLAT_DY=pixel_run(grad_y),
+        M_DOT=_m_dot(geo, launch), DZ_ATOMS=dz_atoms(geo, launch), BASES_GRAD=dbases is not None,
+        FLAT_DY=pixel_run(grad_y),
         WIDE=needs_wide_offsets(x, atom_coeff, grad_y, dcoeff),
         DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,
     )
@@ -464,7 +486,7 @@ def coeff_grad_footprint(launch: TileLaunch, geo: AtomConvGeometry, dtype: torch
                          bases_grad: bool) -> autotune_cache.Footprint:
     """What a config of the dβ kernel costs on a problem (candidate pruning; a lower bound of
     the registers, like `forward_footprint`): per thread the M*KH*KW gradients of the atoms and
-    M*BLOCK_C of dZ; dZ's dot stages α [BLOCK_C, BLOCK_O] and dy [BLOCK_O, BLOCK_P]. Cost: the
+    M*BLOCK_C of dZ; dZ's dots stage α [BLOCK_O, DZ_ATOMS*BLOCK_C] and dyᵀ [BLOCK_P, BLOCK_O]. Cost: the
     per-tap reductions over the padded chunks of every group."""
     (kh, kw), m = geo.kernel_size, geo.num_atoms
     c_in_g = geo.in_channels // geo.groups
@@ -473,7 +495,7 @@ def coeff_grad_footprint(launch: TileLaunch, geo: AtomConvGeometry, dtype: torch
     padded_c = launch.BLOCK_C * triton.cdiv(c_in_g, launch.BLOCK_C)
     return autotune_cache.Footprint(
         launch=launch, threads=32 * launch.num_warps,
-        shared_bytes=(launch.BLOCK_C + launch.BLOCK_P) * launch.BLOCK_O * dtype.itemsize,
+        shared_bytes=(dz_atoms(geo, launch) * launch.BLOCK_C + launch.BLOCK_P) * launch.BLOCK_O * dtype.itemsize,
         registers=m * kh * kw + m * launch.BLOCK_C + launch.BLOCK_O * (2 if bases_grad else 1),
         fill=geo.batch * pixels / padded_pixels * c_in_g / padded_c,
         cost=padded_pixels * geo.groups * padded_c * m * kh * kw)

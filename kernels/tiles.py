@@ -149,6 +149,21 @@ def tile_rows(t, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
+def column_blocks(t, COUNT: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    """t [ROWS, COUNT * WIDTH] (COUNT a power of two) as the tuple of its COUNT blocks of WIDTH
+    columns [ROWS, WIDTH], in order, by halving."""
+    blocks = (t,)
+    for level in tl.static_range(COUNT.bit_length() - 1):
+        halves = ()
+        for b in tl.static_range(len(blocks)):
+            low, high = tl.split(tl.permute(tl.reshape(blocks[b], [ROWS, 2, COUNT * WIDTH // (2 * len(blocks))]),
+                                            (0, 2, 1)))
+            halves = halves + (low, high)
+        blocks = halves
+    return blocks
+
+
+@triton.jit
 def add_at(values, i: tl.constexpr, term):
     """The tuple `values` with values[i] += term."""
     return values[:i] + (values[i] + term,) + values[i + 1:]

@@ -68,6 +68,16 @@ def test_16_bit_gradients(dtype, problem):
     check(*make_problem(*args, **kwargs), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_gradients_with_more_atoms_than_one_dz_dot(dtype):
+    """M = 10: the dβ kernel's dZ takes two dots per chunk (`dz_atoms` is 8), the second with
+    two real atoms and six zero ones."""
+    tensors, kwargs = make_problem(1, 9, 5, (6, 7), 3, padding=1, num_atoms=10, num_bases=3)
+    geo = validate_atom_conv2d(*tensors[:4], None, **kwargs)
+    assert backward.dz_atoms(geo, configs.fit_tile_config(configs.DEFAULT, geo)) == 8
+    check(tensors, kwargs, dtype)
+
+
 def test_static_atoms_gradients_match_conv2d():
     """docs/design.md §1 oracle: with pixel-independent atoms, dx and dα are F.conv2d's gradients (dα via
     the static kernel Wt[o,c,i,j] = Σ_m α[o,c,m] Σ_l β[m,l] Ψ[l,i,j], differentiated in α)."""

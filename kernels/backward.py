@@ -65,8 +65,9 @@ from .configs import (TileConfig, TileLaunch, arch_of, fit_tile_config, pow2_at_
 from .forward import forward_footprint, pack_weight
 from .launch import INTERPRETING, Launch, check_runnable, dot_precision, pixel_run, needs_wide_offsets, strides
 from .tiles import (add_at, atom_l1_bound, atom_times_features, basis_at_tap, basis_coefficients, coefficient_sum,
-                    column_blocks, column_tap, dot_operand, offset, pixel_atoms, pixel_offset, pixel_sum, pixel_tile, pow2_scale,
-                    scaled_atoms, scaled_to_unit_l1, tap_geometry, tile_rows, to_columns)
+                    column_blocks, column_tap, columns_tile, dot_operand, joined_columns, offset, pixel_atoms,
+                    pixel_offset, pixel_sum, pixel_tile, pow2_scale, scaled_atoms, scaled_to_unit_l1, tap_geometry,
+                    tile_rows, to_columns)
 
 
 @triton.jit
@@ -81,7 +82,7 @@ def atom_conv2d_bwd_coeff_kernel(
     stride_dcoeff_n, stride_dcoeff_c, stride_dcoeff_h, stride_dcoeff_w,
     M: tl.constexpr, L: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_P: tl.constexpr, TAP_GROUPS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
-    M_DOT: tl.constexpr, DZ_ATOMS: tl.constexpr, BASES_GRAD: tl.constexpr, FLAT_DY: tl.constexpr,
+    M_DOT: tl.constexpr, WIDE_ATOMS: tl.constexpr, BASES_GRAD: tl.constexpr, FLAT_DY: tl.constexpr,
     WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """x [N, C_in, H, W], β (coeff) [N, M*L, H_out, W_out], Ψ (bases) [L, KH, KW], α (w) packed
@@ -91,7 +92,7 @@ def atom_conv2d_bwd_coeff_kernel(
 
     1-D grid of N * cdiv(H_out*W_out, BLOCK_P) programs; each loops over the channel chunks of
     every group, since dβ sums over all of them. BLOCK_O output channels per step of dZ's dots,
-    DZ_ATOMS (a power of two, `dz_atoms`) atoms per dot. With TAP_GROUPS > 1 each column (one
+    WIDE_ATOMS (a power of two, `wide_dot_atoms`) atoms per dot. With TAP_GROUPS > 1 each column (one
     pixel's group of taps) has the dZ of its pixel.
     """
     TAPS: tl.constexpr = KH * KW
@@ -111,14 +112,14 @@ def atom_conv2d_bwd_coeff_kernel(
     w_row = num_chunks * M_DOT * BLOCK_C  # length of a packed α row
     chan = tl.arange(0, BLOCK_C)
     out_chan = tl.arange(0, BLOCK_O)
-    dz_cols = tl.arange(0, DZ_ATOMS * BLOCK_C)
+    dz_cols = tl.arange(0, WIDE_ATOMS * BLOCK_C)
     d_atoms = (tl.zeros([COLUMNS], tl.float32),) * (PER_GROUP * M)  # entry k*M + m: dA[m, the column's tap k]
     for group in range(G):
         for chunk in range(num_chunks):
             c = chunk * BLOCK_C + chan
             chan_mask = c < C_in_g
             # dZᵀ[m] [COLUMNS, BLOCK_C] = dyᵀ @ α_m over the group's output channels (pixels as the
-            # dot's rows: BLOCK_C may be 8, below a tensor-core tile's 16 rows), DZ_ATOMS atoms per
+            # dot's rows: BLOCK_C may be 8, below a tensor-core tile's 16 rows), WIDE_ATOMS atoms per
             # dot: each dot reads dyᵀ from shared memory once for all its columns.
             dz = (tl.zeros([COLUMNS, BLOCK_C], tl.float32),) * M
             for o0 in range(0, C_out_g, BLOCK_O):
@@ -128,14 +129,14 @@ def atom_conv2d_bwd_coeff_kernel(
                 dy_t = tl.load(dy_ptr + dy_pix[:, None] + offset(group * C_out_g + o, stride_dy_c, WIDE)[None, :],
                                mask=pix_mask[:, None] & o_mask[None, :], other=0.0)
                 w_t = w_ptr + ((group * C_out_g + o) * w_row)[:, None] + (chunk * M_DOT * BLOCK_C + dz_cols)[None, :]
-                for m in tl.static_range(0, M, DZ_ATOMS):
-                    # α of atoms m .. m + DZ_ATOMS - 1 [BLOCK_O, DZ_ATOMS * BLOCK_C], zero past M.
+                for m in tl.static_range(0, M, WIDE_ATOMS):
+                    # α of atoms m .. m + WIDE_ATOMS - 1 [BLOCK_O, WIDE_ATOMS * BLOCK_C], zero past M.
                     alpha = tl.load(w_t + m * BLOCK_C, mask=o_mask[:, None] & (dz_cols < (M - m) * BLOCK_C)[None, :],
                                     other=0.0)
                     dz_block = tl.dot(dot_operand(dy_t, dtype, INTERPRETED), dot_operand(alpha, dtype, INTERPRETED),
                                       input_precision=DOT_PRECISION)
-                    parts = column_blocks(dz_block, DZ_ATOMS, COLUMNS, BLOCK_C)
-                    for i in tl.static_range(DZ_ATOMS):
+                    parts = column_blocks(dz_block, WIDE_ATOMS, COLUMNS, BLOCK_C)
+                    for i in tl.static_range(WIDE_ATOMS):
                         if m + i < M:
                             dz = add_at(dz, m + i, parts[i])
             # Padding lanes of dZ are exactly zero: an Inf tap there must not make NaN.
@@ -200,8 +201,8 @@ def atom_conv2d_bwd_weight_kernel(
     SPLITS,
     M: tl.constexpr, L: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_P: tl.constexpr, TAP_GROUPS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
-    M_DOT: tl.constexpr, EVEN_C: tl.constexpr, FLAT_DY: tl.constexpr, WIDE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    M_DOT: tl.constexpr, WIDE_ATOMS: tl.constexpr, EVEN_C: tl.constexpr, FLAT_DY: tl.constexpr,
+    WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """x [N, C_in, H, W], β (coeff) [N, M*L, H_out, W_out], Ψ (bases) [L, KH, KW],
     dy [N, C_out, H_out, W_out], any strides -> dα partials (dw) [SPLITS, C_out,
@@ -224,7 +225,8 @@ def atom_conv2d_bwd_weight_kernel(
 
     o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     o_mask = o < C_out_g
-    dw = (tl.zeros([BLOCK_O, BLOCK_C], tl.float32),) * M
+    # dα of atoms b*WIDE_ATOMS .. in dw[b] [BLOCK_O, WIDE_ATOMS * BLOCK_C]: one dot per block reads dy once.
+    dw = (tl.zeros([BLOCK_O, WIDE_ATOMS * BLOCK_C], tl.float32),) * ((M + WIDE_ATOMS - 1) // WIDE_ATOMS)
     for pixel_tile_id in range(split, N * tl.cdiv(H_out * W_out, BLOCK_P), SPLITS):
         n, pix, oh, ow, pix_mask = pixel_tile(pixel_tile_id, H_out, W_out, BLOCK_P, TAP_GROUPS, FLAT_DY)  # per column
         atoms = pixel_atoms(coeff_ptr + n * stride_coeff_n, offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE),
@@ -244,21 +246,31 @@ def atom_conv2d_bwd_weight_kernel(
         dy = tl.load(dy_ptr + n * stride_dy_n + offset(group * C_out_g + o, stride_dy_c, WIDE)[:, None]
                      + pixel_offset(pix, oh, ow, stride_dy_h, stride_dy_w, FLAT_DY, WIDE)[None, :],
                      mask=o_mask[:, None] & pix_mask[None, :], other=0.0)
-        for m in tl.static_range(M):
-            # Pixels past the end: dy is 0 there, but Z may be NaN (masked β times an Inf in Ψ).
-            z_m = tl.trans(dot_operand(tl.where(pix_mask[None, :], z[m], 0.0), dtype, INTERPRETED))
+        dy = dot_operand(dy, dtype, INTERPRETED)
+        for b in tl.static_range(len(dw)):
+            # Zᵀ of atoms b*WIDE_ATOMS .. [COLUMNS, WIDE_ATOMS * BLOCK_C], zero past M. Pixels past
+            # the end: dy is 0 there, but Z may be NaN (masked β times an Inf in Ψ).
+            z_t = ()
+            for m in tl.static_range(b * WIDE_ATOMS, (b + 1) * WIDE_ATOMS):
+                if m < M:
+                    z_t = z_t + (tl.where(pix_mask[:, None], columns_tile(z[m * BLOCK_C:(m + 1) * BLOCK_C], BLOCK_C,
+                                                                           COLUMNS), 0.0),)
+                else:
+                    z_t = z_t + (tl.zeros([COLUMNS, BLOCK_C], tl.float32),)
+            # (joined per atom: stacking all the rows at once spills)
+            z_t = dot_operand(joined_columns(z_t, WIDE_ATOMS, COLUMNS, BLOCK_C), dtype, INTERPRETED)
             if dtype == tl.float16:
-                dw = add_at(dw, m, tl.dot(dot_operand(dy, dtype, INTERPRETED), z_m, input_precision=DOT_PRECISION)
-                            * inverse_scale)
+                dw = add_at(dw, b, tl.dot(dy, z_t, input_precision=DOT_PRECISION) * inverse_scale)
             else:  # (accumulating in the dot)
-                dw = dw[:m] + (tl.dot(dot_operand(dy, dtype, INTERPRETED), z_m, dw[m], input_precision=DOT_PRECISION),) \
-                    + dw[m + 1:]
+                dw = dw[:b] + (tl.dot(dy, z_t, dw[b], input_precision=DOT_PRECISION),) + dw[b + 1:]
 
     num_chunks_row = num_chunks * M_DOT * BLOCK_C
+    dw_cols = tl.arange(0, WIDE_ATOMS * BLOCK_C)
     dw_ptrs = dw_ptr + split.to(tl.int64) * (G * C_out_g * num_chunks_row) \
-        + ((group * C_out_g + o) * num_chunks_row)[:, None] + (chunk * M_DOT * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]
-    for m in tl.static_range(M):
-        tl.store(dw_ptrs + m * BLOCK_C, dw[m], mask=o_mask[:, None])
+        + ((group * C_out_g + o) * num_chunks_row)[:, None] + (chunk * M_DOT * BLOCK_C + dw_cols)[None, :]
+    for b in tl.static_range(len(dw)):
+        tl.store(dw_ptrs + b * WIDE_ATOMS * BLOCK_C, dw[b],
+                 mask=o_mask[:, None] & (dw_cols < (M - b * WIDE_ATOMS) * BLOCK_C)[None, :])
 
 
 @triton.jit
@@ -387,16 +399,22 @@ def _m_dot(geo: AtomConvGeometry, launch: TileLaunch) -> int:
     return launch.ATOMS_PER_DOT * triton.cdiv(geo.num_atoms, launch.ATOMS_PER_DOT)
 
 
-DZ_DOT_COLUMNS = 64
-"""At most this many columns of dZ per dβ dot (its fp32 accumulator: DZ_DOT_COLUMNS registers per
-thread at 32 * num_warps pixels per tile)."""
+WIDE_DOT_COLUMNS = 64
+"""At most this many columns (atoms times BLOCK_C channels) in the dots of dZ (dβ kernel) and of
+dα (dα kernel) that take several atoms at once."""
 
 
-def dz_atoms(geo: AtomConvGeometry, launch: TileLaunch) -> int:
-    """Atoms per dZ dot in the dβ kernel: M rounded up to a power of two, at most
-    DZ_DOT_COLUMNS // BLOCK_C (at least one). Fewer, wider dots read dyᵀ from shared memory fewer
-    times (at K=3, fp16, sm_90: 55 wavefronts per pixel with one atom per dot, 16 with eight)."""
-    return max(1, min(pow2_at_least(geo.num_atoms), DZ_DOT_COLUMNS // launch.BLOCK_C))
+def wide_dot_atoms(geo: AtomConvGeometry, launch: TileLaunch, dtype: torch.dtype) -> int:
+    """Atoms per dot where all of a chunk's atoms share the dot's other operand: dZᵀ = dyᵀ @ α
+    (dβ kernel) and dα += dy @ Zᵀ (dα kernel). For 16-bit dtypes M rounded up to a power of two,
+    at most WIDE_DOT_COLUMNS // BLOCK_C (at least one): fewer, wider dots read dy from shared
+    memory fewer times (dβ at K=3, fp16, sm_90: 55 wavefronts per pixel with one atom per dot, 16
+    with eight), while the fp32 result of a dot stays at WIDE_DOT_COLUMNS * BLOCK_O (dα) or
+    * BLOCK_P (dβ) values per program. One for float32, whose wide dots spill (7 to 10 KB at K=3
+    on sm_90: Triton 3.6 and 3.9 both)."""
+    if dtype.itemsize == 4:
+        return 1
+    return max(1, min(pow2_at_least(geo.num_atoms), WIDE_DOT_COLUMNS // launch.BLOCK_C))
 
 
 def coeff_grad_launch(x, atom_coeff, bases, weight, grad_y, dcoeff, dbases, geo: AtomConvGeometry,
@@ -411,7 +429,8 @@ def coeff_grad_launch(x, atom_coeff, bases, weight, grad_y, dcoeff, dbases, geo:
         **strides("stride_bases", "lhw", bases), **strides("stride_dy", "nchw", grad_y),
         **strides("stride_dcoeff", "nchw", dcoeff), **_shape_args(geo),
         BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
-        M_DOT=_m_dot(geo, launch), DZ_ATOMS=dz_atoms(geo, launch), BASES_GRAD=dbases is not None,
+        M_DOT=_m_dot(geo, launch), WIDE_ATOMS=wide_dot_atoms(geo, launch, x.dtype),
+        BASES_GRAD=dbases is not None,
         FLAT_DY=pixel_run(grad_y),
         WIDE=needs_wide_offsets(x, atom_coeff, grad_y, dcoeff),
         DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,
@@ -438,7 +457,8 @@ def weight_grad_launch(x, atom_coeff, bases, grad_y, dweight_partials, geo: Atom
         **strides("stride_bases", "lhw", bases), **strides("stride_dy", "nchw", grad_y),
         SPLITS=splits, **_shape_args(geo),
         BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
-        M_DOT=_m_dot(geo, launch), EVEN_C=c_in_g % launch.BLOCK_C == 0, FLAT_DY=pixel_run(grad_y),
+        M_DOT=_m_dot(geo, launch), WIDE_ATOMS=wide_dot_atoms(geo, launch, x.dtype), EVEN_C=c_in_g % launch.BLOCK_C == 0,
+        FLAT_DY=pixel_run(grad_y),
         WIDE=needs_wide_offsets(x, atom_coeff, grad_y), DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,
     )
     pixel_tiles = geo.batch * triton.cdiv(geo.out_size[0] * geo.out_size[1], launch.BLOCK_P)
@@ -486,7 +506,7 @@ def coeff_grad_footprint(launch: TileLaunch, geo: AtomConvGeometry, dtype: torch
                          bases_grad: bool) -> autotune_cache.Footprint:
     """What a config of the dβ kernel costs on a problem (candidate pruning; a lower bound of
     the registers, like `forward_footprint`): per thread the M*KH*KW gradients of the atoms and
-    M*BLOCK_C of dZ; dZ's dots stage α [BLOCK_O, DZ_ATOMS*BLOCK_C] and dyᵀ [BLOCK_P, BLOCK_O]. Cost: the
+    M*BLOCK_C of dZ; dZ's dots stage α [BLOCK_O, WIDE_ATOMS*BLOCK_C] and dyᵀ [BLOCK_P, BLOCK_O]. Cost: the
     per-tap reductions over the padded chunks of every group."""
     (kh, kw), m = geo.kernel_size, geo.num_atoms
     c_in_g = geo.in_channels // geo.groups
@@ -495,7 +515,8 @@ def coeff_grad_footprint(launch: TileLaunch, geo: AtomConvGeometry, dtype: torch
     padded_c = launch.BLOCK_C * triton.cdiv(c_in_g, launch.BLOCK_C)
     return autotune_cache.Footprint(
         launch=launch, threads=32 * launch.num_warps,
-        shared_bytes=(dz_atoms(geo, launch) * launch.BLOCK_C + launch.BLOCK_P) * launch.BLOCK_O * dtype.itemsize,
+        shared_bytes=(wide_dot_atoms(geo, launch, dtype) * launch.BLOCK_C + launch.BLOCK_P) * launch.BLOCK_O
+        * dtype.itemsize,
         registers=m * kh * kw + m * launch.BLOCK_C + launch.BLOCK_O * (2 if bases_grad else 1),
         fill=geo.batch * pixels / padded_pixels * c_in_g / padded_c,
         cost=padded_pixels * geo.groups * padded_c * m * kh * kw)

@@ -164,6 +164,18 @@ def column_blocks(t, COUNT: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexp
 
 
 @triton.jit
+def joined_columns(blocks, COUNT: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    """The inverse of `column_blocks`: COUNT tiles [ROWS, WIDTH] side by side, [ROWS, COUNT * WIDTH]."""
+    for level in tl.static_range(COUNT.bit_length() - 1):
+        pairs = ()
+        for b in tl.static_range(len(blocks) // 2):
+            pairs = pairs + (tl.reshape(tl.permute(tl.join(blocks[2 * b], blocks[2 * b + 1]), (0, 2, 1)),
+                                        [ROWS, WIDTH << (level + 1)]),)
+        blocks = pairs
+    return blocks[0]
+
+
+@triton.jit
 def add_at(values, i: tl.constexpr, term):
     """The tuple `values` with values[i] += term."""
     return values[:i] + (values[i] + term,) + values[i + 1:]
@@ -294,15 +306,16 @@ def scaled_to_unit_l1(atoms, M: tl.constexpr, PER_GROUP: tl.constexpr, TAP_GROUP
 @triton.jit
 def atom_times_features(x_ptrs, stride_x_c, channels_left, taps, atoms, M: tl.constexpr, PER_GROUP: tl.constexpr,
                         EVEN_C: tl.constexpr, BLOCK_C: tl.constexpr, COLUMNS: tl.constexpr, WIDE: tl.constexpr):
-    """Stage 2 for one channel chunk: the tuple of M tiles Z[m] [BLOCK_C, COLUMNS] fp32,
-    Z[m][c, q] = Σ_k A[m, t_k, q] · x[c, tap t_k of q] over the column's taps, x zero outside the
+    """Stage 2 for one channel chunk: the tuple of M * BLOCK_C rows [COLUMNS] fp32 of Z, entry
+    m * BLOCK_C + c: Z[m][c, q] = Σ_k A[m, t_k, q] · x[c, tap t_k of q] over the column's taps, x zero outside the
     image (the padding) and for channels c >= channels_left (unless EVEN_C: none are). x_ptrs
     [COLUMNS] point at x[n, the chunk's first channel, oh*SH, ow*SW]; taps as `tap_geometry`,
     atoms as `pixel_atoms` make them.
 
-    Each channel is loaded and summed as a row [COLUMNS] of its own, and the rows are stacked
-    into Z at the end (`rows_tile`): a column's channels then stay in its thread with any Triton
-    (a 2-D load lets Triton 3.6 spread a pixel's channels over threads, and move every atom)."""
+    Each channel is loaded and summed as a row [COLUMNS] of its own, and a caller stacks rows
+    into the tile its dot reads (`rows_tile`, `columns_tile`): a column's channels then stay in
+    its thread with any Triton (a 2-D load lets Triton 3.6 spread a pixel's channels over
+    threads, and move every atom)."""
     row_offsets, column_offsets, masks = taps
     z_rows = (tl.zeros([COLUMNS], tl.float32),) * (M * BLOCK_C)  # entry m*BLOCK_C + c: Z[m][c, :]
     for c in tl.static_range(BLOCK_C):
@@ -315,24 +328,29 @@ def atom_times_features(x_ptrs, stride_x_c, channels_left, taps, atoms, M: tl.co
             x_tap = tl.load(x_chan + row_offsets[k] + column_offsets[k], mask=tap_mask, other=0.0).to(tl.float32)
             for m in tl.static_range(M):
                 z_rows = add_at(z_rows, m * BLOCK_C + c, atoms[k * M + m] * x_tap)
-    z = ()
-    for m in tl.static_range(M):
-        z = z + (rows_tile(z_rows[m * BLOCK_C:(m + 1) * BLOCK_C], BLOCK_C, COLUMNS),)
-    return z
+    return z_rows
 
 
 @triton.jit
 def rows_tile(rows, ROWS: tl.constexpr, COLS: tl.constexpr):
     """The inverse of `tile_rows`: a tuple of ROWS rows [COLS] (ROWS a power of two) as one tile
-    [ROWS, COLS] whose rows stay in the threads that hold them, by joining halves: rows i and
-    i + n/2 of n, so that the joined axes, read in order, spell each row's index."""
+    [ROWS, COLS] whose rows stay in the threads that hold them (`columns_tile`, transposed)."""
+    return tl.permute(columns_tile(rows, ROWS, COLS), (1, 0))
+
+
+@triton.jit
+def columns_tile(rows, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """A tuple of ROWS rows [COLS] (ROWS a power of two) as the tile [COLS, ROWS] of their
+    columns, by joining halves: rows i and i + n/2 of n, so that the joined axes, read in order,
+    spell each row's index, and a thread's registers hold its columns' rows in order (a 16-bit
+    dot operand with rows along its contiguous axis is then stored with wide stores)."""
     items = rows
     for level in tl.static_range(ROWS.bit_length() - 1):
         joined = ()
         for i in tl.static_range(ROWS >> (level + 1)):
             joined = joined + (tl.join(items[i], items[i + (ROWS >> (level + 1))]),)
         items = joined
-    return tl.permute(tl.reshape(items[0], [COLS, ROWS]), (1, 0))
+    return tl.reshape(items[0], [COLS, ROWS])
 
 
 @triton.jit
@@ -352,11 +370,12 @@ def coefficient_sum(acc, z, w_ptr, w_rows, o_mask, chan_mask, M: tl.constexpr, E
                     BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     """Stage 3 for one chunk: acc [BLOCK_O, BLOCK_P] fp32 += Σ_m α_m [BLOCK_O, BLOCK_C] @ Z[m]
     summed over the tap groups, on tensor cores: one dot per atom of α_m repeated per group and
-    the stacked Z (`stacked_by_group`). w_ptr points at the chunk's block of the packed α
+    the stacked Z (`stacked_by_group`), z the rows of Z (`atom_times_features`). w_ptr points at
+    the chunk's block of the packed α
     (`forward.pack_weight`: atom m's BLOCK_C columns start m*BLOCK_C in), w_rows [BLOCK_O] are
     the offsets of the tile's rows (o_mask: rows inside the group). A 16-bit dot reduces over at
-    least 16: when TAP_GROUPS * BLOCK_C is fewer, a dot takes ATOMS_PER_DOT = 2 atoms at once (a
-    zero tile stands in for the partner of the last of an odd M; its packed α columns are zero).
+    least 16: when TAP_GROUPS * BLOCK_C is fewer, a dot takes ATOMS_PER_DOT = 2 atoms at once (zero
+    rows stand in for the partner of the last of an odd M; its packed α columns are zero).
 
     Z rows of channels past the group (chan_mask false; only in a ragged last chunk, not EVEN_C)
     are zeroed first: their zero α would turn an Inf there (an Inf atom times 0) into NaN.
@@ -367,12 +386,13 @@ def coefficient_sum(acc, z, w_ptr, w_rows, o_mask, chan_mask, M: tl.constexpr, E
     columns = tl.arange(0, PER_DOT * ROWS)  # of α: atom columns // ROWS, channel columns % BLOCK_C
     for k in tl.static_range(0, M, PER_DOT):
         if PER_DOT == 1:
-            operand = stacked_by_group(z[k], TAP_GROUPS, BLOCK_C, BLOCK_P)
-        else:
-            partner = z[k + 1] if k + 1 < M else tl.zeros([BLOCK_C, TAP_GROUPS * BLOCK_P], tl.float32)
-            operand = tl.reshape(tl.permute(tl.join(stacked_by_group(z[k], TAP_GROUPS, BLOCK_C, BLOCK_P),
-                                                    stacked_by_group(partner, TAP_GROUPS, BLOCK_C, BLOCK_P)),
-                                            (2, 0, 1)), [2 * ROWS, BLOCK_P])
+            operand = stacked_by_group(rows_tile(z[k * BLOCK_C:(k + 1) * BLOCK_C], BLOCK_C, TAP_GROUPS * BLOCK_P),
+                                       TAP_GROUPS, BLOCK_C, BLOCK_P)
+        else:  # (TAP_GROUPS is 1: `configs.fit_tile_config` pairs atoms only then)
+            rows = z[k * BLOCK_C:(k + 2) * BLOCK_C]
+            if k + 1 == M:
+                rows = rows + (tl.zeros([BLOCK_P], tl.float32),) * BLOCK_C
+            operand = rows_tile(rows, 2 * BLOCK_C, BLOCK_P)
         if not EVEN_C:
             rows_ok = tl.reshape(tl.broadcast_to(chan_mask[None, :], [PER_DOT * TAP_GROUPS, BLOCK_C]), [PER_DOT * ROWS])
             operand = tl.where(rows_ok[:, None], operand, 0.0)

@@ -69,12 +69,14 @@ def test_16_bit_gradients(dtype, problem):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_gradients_with_more_atoms_than_one_dz_dot(dtype):
-    """M = 10: the dβ kernel's dZ takes two dots per chunk (`dz_atoms` is 8), the second with
-    two real atoms and six zero ones."""
+def test_gradients_with_more_atoms_than_one_wide_dot(dtype):
+    """M = 10: in 16 bits the dβ kernel's dZ and the dα kernel's dα take two dots per chunk
+    (`wide_dot_atoms` is 8), the second with two real atoms and six zero ones; in float32 one
+    dot per atom."""
     tensors, kwargs = make_problem(1, 9, 5, (6, 7), 3, padding=1, num_atoms=10, num_bases=3)
     geo = validate_atom_conv2d(*tensors[:4], None, **kwargs)
-    assert backward.dz_atoms(geo, configs.fit_tile_config(configs.DEFAULT, geo)) == 8
+    launch = configs.fit_tile_config(configs.DEFAULT, geo)
+    assert backward.wide_dot_atoms(geo, launch, dtype) == (8 if dtype.itemsize == 2 else 1)
     check(tensors, kwargs, dtype)
 
 

@@ -104,7 +104,7 @@ def atom_conv2d_bwd_coeff_kernel(
     x_ptr += n * stride_x_n
     dy_ptr += n * stride_dy_n
     dy_pix = pixel_offset(pix, oh, ow, stride_dy_h, stride_dy_w, FLAT_DY, WIDE)
-    x_pix = offset(oh * SH, stride_x_h, WIDE) + offset(ow * SW, stride_x_w, WIDE)
+    x_pix = offset(oh * SH - PH, stride_x_h, WIDE) + offset(ow * SW - PW, stride_x_w, WIDE)  # window corner
     row_offsets, column_offsets, tap_masks = tap_geometry(oh, ow, pix_mask, H, W, SH, SW, PH, PW, DH, DW, stride_x_h,
                                                           stride_x_w, KH, KW, TAP_GROUPS, BLOCK_P, WIDE)
 
@@ -238,7 +238,7 @@ def atom_conv2d_bwd_weight_kernel(
             atoms = scaled_atoms(atoms, tile_scale, PER_GROUP * M)
         taps = tap_geometry(oh, ow, pix_mask, H, W, SH, SW, PH, PW, DH, DW, stride_x_h, stride_x_w, KH, KW,
                             TAP_GROUPS, BLOCK_P, WIDE)
-        x_pix = offset(oh * SH, stride_x_h, WIDE) + offset(ow * SW, stride_x_w, WIDE)
+        x_pix = offset(oh * SH - PH, stride_x_h, WIDE) + offset(ow * SW - PW, stride_x_w, WIDE)  # window corner
         z = atom_times_features(x_ptr + n * stride_x_n + offset(group * C_in_g + chunk * BLOCK_C, stride_x_c, WIDE)
                                 + x_pix, stride_x_c, C_in_g - chunk * BLOCK_C, taps, atoms, M, PER_GROUP, EVEN_C,
                                 BLOCK_C, COLUMNS, WIDE)
@@ -321,9 +321,9 @@ def atom_conv2d_bwd_input_kernel(
     # The atoms that reach each input pixel: tap t's atoms at the output pixel p_t(q) that reads
     # it, zero where no output pixel does (then dy reads 0 there too), and where dy is read.
     SHIFTED: tl.constexpr = UNIT_STRIDE and TAP_GROUPS == 1
-    if SHIFTED:  # dy and β offsets of q, which each tap shifts by a scalar
-        dy_pix = offset(ih, stride_dy_h, WIDE) + offset(iw, stride_dy_w, WIDE)
-        coeff_q = offset(ih, stride_coeff_h, WIDE) + offset(iw, stride_coeff_w, WIDE)
+    if SHIFTED:  # dy and β offsets of the output pixel q + (PH, PW), which each tap shifts by a scalar
+        dy_pix = offset(ih + PH, stride_dy_h, WIDE) + offset(iw + PW, stride_dy_w, WIDE)
+        coeff_q = offset(ih + PH, stride_coeff_h, WIDE) + offset(iw + PW, stride_coeff_w, WIDE)
     else:
         dy_pix = 0
     atoms = (tl.zeros([COLUMNS], tl.float32),) * (PER_GROUP * M)
@@ -335,10 +335,10 @@ def atom_conv2d_bwd_input_kernel(
         ow, tap_ok = _reading_output_coord(iw, PW, (t % KW) * DW, SW, W_out, row_ok)
         if TAP_GROUPS > 1:
             tap_ok = tap_ok & exists
-        if SHIFTED:
-            dy_tap = offset(PH - (t // KW) * DH, stride_dy_h, WIDE) + offset(PW - (t % KW) * DW, stride_dy_w, WIDE)
-            coeff_pix = coeff_q + offset(PH - (t // KW) * DH, stride_coeff_h, WIDE) \
-                + offset(PW - (t % KW) * DW, stride_coeff_w, WIDE)
+        if SHIFTED:  # (constants where DH, DW and the strides are 1)
+            dy_tap = offset(-(t // KW) * DH, stride_dy_h, WIDE) + offset(-(t % KW) * DW, stride_dy_w, WIDE)
+            coeff_pix = coeff_q + offset(-(t // KW) * DH, stride_coeff_h, WIDE) \
+                + offset(-(t % KW) * DW, stride_coeff_w, WIDE)
         else:
             dy_tap = offset(oh, stride_dy_h, WIDE) + offset(ow, stride_dy_w, WIDE)
             coeff_pix = offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE)

@@ -87,16 +87,25 @@ def tap_groups(geo: AtomConvGeometry, columns: int) -> int:
     return groups
 
 
-def fit_tile_config(config: TileConfig, geo: AtomConvGeometry, *, transposed: bool = False) -> TileLaunch:
+def row_passes(geo: AtomConvGeometry) -> bool:
+    """Whether the forward kernel runs one pass per row of taps (`forward.atom_conv2d_fwd_kernel`):
+    where a pixel's M*KH*KW atoms are more than ATOM_REGISTERS but one row's M*KW are not."""
+    (kh, kw), m = geo.kernel_size, geo.num_atoms
+    return kh * kw * m > ATOM_REGISTERS and kw * m <= ATOM_REGISTERS
+
+
+def fit_tile_config(config: TileConfig, geo: AtomConvGeometry, *, transposed: bool = False,
+                    by_rows: bool = False) -> TileLaunch:
     """Fit a config to a problem: channel blocks shrink to the group's channels (powers of two),
     but a chunk keeps at least 8 channels (two atoms make a dot of 16) and a tile at least 16;
-    taps split into `tap_groups`. `transposed`: the dx kernel's fit, whose chunks run over output
-    channels and tiles over input channels."""
+    taps split into `tap_groups`, or none with `by_rows` (a kernel that holds one row of taps at
+    a time). `transposed`: the dx kernel's fit, whose chunks run over output channels and tiles
+    over input channels."""
     c_chunk, c_tile = geo.in_channels // geo.groups, geo.out_channels // geo.groups
     if transposed:
         c_chunk, c_tile = c_tile, c_chunk
     block_c = max(MIN_DOT_SIZE // 2, min(config.block_c, pow2_at_least(c_chunk)))
-    groups = tap_groups(geo, 32 * config.num_warps)
+    groups = 1 if by_rows else tap_groups(geo, 32 * config.num_warps)
     return TileLaunch(
         BLOCK_P=32 * config.num_warps // groups, TAP_GROUPS=groups, BLOCK_C=block_c,
         BLOCK_O=max(MIN_DOT_SIZE, min(config.block_o, pow2_at_least(c_tile))),

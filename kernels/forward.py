@@ -39,10 +39,11 @@ import autotune_cache
 from atomconv.validation import AtomConvGeometry, output_layout, validate_atom_conv2d
 
 from . import launch as launching
-from .configs import TileConfig, TileLaunch, arch_of, fit_tile_config, tile_candidates, default_config, tuned_config
+from .configs import (TileConfig, TileLaunch, arch_of, fit_tile_config, row_passes, tile_candidates, default_config,
+                      tuned_config)
 from .launch import INTERPRETING, Launch, check_runnable, dot_precision, pixel_run, needs_wide_offsets, strides
-from .tiles import (atom_times_features, coefficient_sum, offset, pixel_atoms, pixel_offset, pixel_tile, scaled_to_unit_l1,
-                    tap_geometry)
+from .tiles import (atom_l1_bound_by_bases, atom_times_features, coefficient_sum, offset, pixel_atoms, pixel_offset,
+                    pixel_tile, pow2_scale, scaled_atoms, scaled_to_unit_l1, tap_geometry)
 
 
 @triton.jit
@@ -57,8 +58,8 @@ def atom_conv2d_fwd_kernel(
     stride_y_n, stride_y_c, stride_y_h, stride_y_w,
     M: tl.constexpr, L: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_P: tl.constexpr, TAP_GROUPS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
-    ATOMS_PER_DOT: tl.constexpr, EVEN_C: tl.constexpr, FLAT_Y: tl.constexpr, WIDE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    ATOMS_PER_DOT: tl.constexpr, ROW_PASSES: tl.constexpr, EVEN_C: tl.constexpr, FLAT_Y: tl.constexpr,
+    WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """x [N, C_in, H, W], β (coeff) [N, M*L, H_out, W_out], Ψ (bases) [L, KH, KW], α (w) packed
     [C_out, cdiv(C_in_g, BLOCK_C), M_DOT, BLOCK_C] contiguous (`pack_weight`), bias [C_out] or
@@ -68,6 +69,11 @@ def atom_conv2d_fwd_kernel(
     output-channel tiles of one pixel tile are neighbours, so they find its x and β in L2.
     EVEN_C: C_in_g is a multiple of BLOCK_C. FLAT_Y: `launch.pixel_run` of y (nonzero: one run).
     WIDE: int64 offsets inside a sample.
+
+    ROW_PASSES (`row_passes`: kernels whose atoms would not fit a thread's registers): stages 1-3
+    run once per row of taps, in a loop at run time, each pass adding its taps' share of y (y is
+    linear in the taps). A pass holds the M*KW atoms of one row, so a tile keeps one thread per
+    pixel (no tap groups), and the compiled loop body is one row's, not KH rows'.
     """
     PER_GROUP: tl.constexpr = (KH * KW + TAP_GROUPS - 1) // TAP_GROUPS
     COLUMNS: tl.constexpr = TAP_GROUPS * BLOCK_P
@@ -80,31 +86,43 @@ def atom_conv2d_fwd_kernel(
     coeff_ptr += n * stride_coeff_n
     y_ptr += n * stride_y_n
 
-    atoms = pixel_atoms(coeff_ptr, offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE), pix_mask,
-                        stride_coeff_c, bases_ptr, stride_bases_l, stride_bases_h, stride_bases_w, M, L, KH, KW,
-                        TAP_GROUPS, BLOCK_P, WIDE)
-    if y_ptr.dtype.element_ty == tl.float16:
-        atoms, inverse_scale = scaled_to_unit_l1(atoms, M, PER_GROUP, TAP_GROUPS, BLOCK_P)
-    taps = tap_geometry(oh, ow, pix_mask, H, W, SH, SW, PH, PW, DH, DW, stride_x_h, stride_x_w, KH, KW, TAP_GROUPS,
-                        BLOCK_P, WIDE)
-
+    coeff_pix = offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE)
     # Output channels of this tile (inside the group) and their packed α rows.
     o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     o_mask = o < C_out_g
     num_chunks = tl.cdiv(C_in_g, BLOCK_C)
     M_DOT: tl.constexpr = (M + ATOMS_PER_DOT - 1) // ATOMS_PER_DOT * ATOMS_PER_DOT
     w_rows = (group * C_out_g + o) * (num_chunks * M_DOT * BLOCK_C)
-
-    chan = tl.arange(0, BLOCK_C)
-    x_pix = offset(oh * SH, stride_x_h, WIDE) + offset(ow * SW, stride_x_w, WIDE)
+    x_col = offset(ow * SW - PW, stride_x_w, WIDE)  # of each pixel's window corner
     acc = tl.zeros([BLOCK_O, BLOCK_P], dtype=tl.float32)
-    for chunk in range(num_chunks):
-        c = chunk * BLOCK_C + chan
-        chan_mask = c < C_in_g
-        z = atom_times_features(x_ptr + offset(chunk * BLOCK_C, stride_x_c, WIDE) + x_pix, stride_x_c,
-                                C_in_g - chunk * BLOCK_C, taps, atoms, M, PER_GROUP, EVEN_C, BLOCK_C, COLUMNS, WIDE)
-        acc = coefficient_sum(acc, z, w_ptr + chunk * (M_DOT * BLOCK_C), w_rows, o_mask, chan_mask, M, EVEN_C,
-                              ATOMS_PER_DOT, TAP_GROUPS, BLOCK_C, BLOCK_P, DOT_PRECISION, INTERPRETED)
+    if ROW_PASSES:
+        if y_ptr.dtype.element_ty == tl.float16:
+            scale, inverse_scale = pow2_scale(atom_l1_bound_by_bases(coeff_ptr, coeff_pix, pix_mask, stride_coeff_c,
+                                                                     bases_ptr, stride_bases_l, stride_bases_h,
+                                                                     stride_bases_w, M, L, KH, KW, WIDE))
+        for i in range(KH):
+            # Row i of the taps as a kernel of its own: 1 x KW, padding PH - i*DH rows.
+            atoms = pixel_atoms(coeff_ptr, coeff_pix, pix_mask, stride_coeff_c, bases_ptr + i * stride_bases_h,
+                                stride_bases_l, stride_bases_h, stride_bases_w, M, L, 1, KW, 1, BLOCK_P, WIDE)
+            if y_ptr.dtype.element_ty == tl.float16:
+                atoms = scaled_atoms(atoms, scale, M * KW)
+            taps = tap_geometry(oh, ow, pix_mask, H, W, SH, SW, PH - i * DH, PW, DH, DW, stride_x_h, stride_x_w, 1,
+                                KW, 1, BLOCK_P, WIDE)
+            x_row = x_ptr + offset(oh * SH - PH + i * DH, stride_x_h, WIDE) + x_col
+            acc = chunks_times_coefficients(acc, x_row, stride_x_c, C_in_g, num_chunks, taps, atoms, w_ptr, w_rows,
+                                            o_mask, M, M_DOT, KW, EVEN_C, ATOMS_PER_DOT, 1, BLOCK_C, BLOCK_P, WIDE,
+                                            DOT_PRECISION, INTERPRETED)
+    else:
+        atoms = pixel_atoms(coeff_ptr, coeff_pix, pix_mask, stride_coeff_c, bases_ptr, stride_bases_l, stride_bases_h,
+                            stride_bases_w, M, L, KH, KW, TAP_GROUPS, BLOCK_P, WIDE)
+        if y_ptr.dtype.element_ty == tl.float16:
+            atoms, inverse_scale = scaled_to_unit_l1(atoms, M, PER_GROUP, TAP_GROUPS, BLOCK_P)
+        taps = tap_geometry(oh, ow, pix_mask, H, W, SH, SW, PH, PW, DH, DW, stride_x_h, stride_x_w, KH, KW,
+                            TAP_GROUPS, BLOCK_P, WIDE)
+        x_corner = x_ptr + offset(oh * SH - PH, stride_x_h, WIDE) + x_col
+        acc = chunks_times_coefficients(acc, x_corner, stride_x_c, C_in_g, num_chunks, taps, atoms, w_ptr, w_rows,
+                                        o_mask, M, M_DOT, PER_GROUP, EVEN_C, ATOMS_PER_DOT, TAP_GROUPS, BLOCK_C,
+                                        BLOCK_P, WIDE, DOT_PRECISION, INTERPRETED)
 
     if y_ptr.dtype.element_ty == tl.float16:
         acc *= inverse_scale[None, :]
@@ -115,6 +133,26 @@ def atom_conv2d_fwd_kernel(
     y_ptrs = y_ptr + offset(o_glob, stride_y_c, WIDE)[:, None] \
         + pixel_offset(pix, oh, ow, stride_y_h, stride_y_w, FLAT_Y, WIDE)[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=o_mask[:, None] & pix_mask[None, :])
+
+
+@triton.jit
+def chunks_times_coefficients(acc, x_ptrs, stride_x_c, C_in_g, num_chunks, taps, atoms, w_ptr, w_rows, o_mask,
+                              M: tl.constexpr, M_DOT: tl.constexpr, PER_GROUP: tl.constexpr, EVEN_C: tl.constexpr,
+                              ATOMS_PER_DOT: tl.constexpr, TAP_GROUPS: tl.constexpr, BLOCK_C: tl.constexpr,
+                              BLOCK_P: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                              INTERPRETED: tl.constexpr):
+    """Stages 2 and 3 over every channel chunk of the group: acc [BLOCK_O, BLOCK_P] += Σ_c,m α Z for
+    the taps that `taps` and `atoms` give (x_ptrs [COLUMNS] at x[n, the group's first channel,
+    oh*SH - PH, ow*SW - PW], the corner of each pixel's window)."""
+    chan = tl.arange(0, BLOCK_C)
+    for chunk in range(num_chunks):
+        chan_mask = chunk * BLOCK_C + chan < C_in_g
+        z = atom_times_features(x_ptrs + offset(chunk * BLOCK_C, stride_x_c, WIDE), stride_x_c,
+                                C_in_g - chunk * BLOCK_C, taps, atoms, M, PER_GROUP, EVEN_C, BLOCK_C,
+                                TAP_GROUPS * BLOCK_P, WIDE)
+        acc = coefficient_sum(acc, z, w_ptr + chunk * (M_DOT * BLOCK_C), w_rows, o_mask, chan_mask, M, EVEN_C,
+                              ATOMS_PER_DOT, TAP_GROUPS, BLOCK_C, BLOCK_P, DOT_PRECISION, INTERPRETED)
+    return acc
 
 
 def forward_kernel_args(x, atom_coeff, bases, weight, bias, y, geo: AtomConvGeometry,
@@ -134,7 +172,8 @@ def forward_kernel_args(x, atom_coeff, bases, weight, bias, y, geo: AtomConvGeom
         stride_bias=0 if bias is None else bias.stride(0), **strides("stride_y", "nchw", y),
         M=geo.num_atoms, L=geo.num_bases, KH=kh, KW=kw,
         BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
-        ATOMS_PER_DOT=launch.ATOMS_PER_DOT, EVEN_C=c_in_g % launch.BLOCK_C == 0, FLAT_Y=pixel_run(y),
+        ATOMS_PER_DOT=launch.ATOMS_PER_DOT, ROW_PASSES=row_passes(geo), EVEN_C=c_in_g % launch.BLOCK_C == 0,
+        FLAT_Y=pixel_run(y),
         WIDE=needs_wide_offsets(x, atom_coeff, y),
         DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,
     )
@@ -154,7 +193,7 @@ def pack_weight(weight: torch.Tensor, launch: TileLaunch) -> torch.Tensor:
 
 def forward_footprint(launch: TileLaunch, geo: AtomConvGeometry, dtype: torch.dtype, arch: str) -> autotune_cache.Footprint:
     """What a config costs on a problem, for candidate pruning. Registers per thread, at least:
-    the atoms (M*KH*KW), Z (M*BLOCK_C) and the accumulator (BLOCK_O, one pixel per thread), fp32.
+    the atoms (M*KH*KW, or M*KW by rows of taps), Z (M*BLOCK_C) and the accumulator (BLOCK_O, one pixel per thread), fp32.
     Shared memory: the stage-3 dot's operands, α [BLOCK_O, K] and Z [K, BLOCK_P] in the input
     dtype (K = ATOMS_PER_DOT * BLOCK_C). Cost: stage 2 on the padded channel tiles, redone for every
     output-channel tile, plus stage 1 per output-channel tile."""
@@ -162,7 +201,7 @@ def forward_footprint(launch: TileLaunch, geo: AtomConvGeometry, dtype: torch.dt
     c_in_g, c_out_g = geo.in_channels // geo.groups, geo.out_channels // geo.groups
     pixels = geo.out_size[0] * geo.out_size[1]
     k = launch.ATOMS_PER_DOT * launch.BLOCK_C
-    registers = m * kh * kw + m * launch.BLOCK_C + launch.BLOCK_O
+    registers = m * (kw if row_passes(geo) else kh * kw) + m * launch.BLOCK_C + launch.BLOCK_O
     padded_pixels = geo.batch * launch.BLOCK_P * triton.cdiv(pixels, launch.BLOCK_P)
     o_tiles = geo.groups * triton.cdiv(c_out_g, launch.BLOCK_O)
     padded_c = launch.BLOCK_C * triton.cdiv(c_in_g, launch.BLOCK_C)
@@ -200,11 +239,16 @@ def launch_forward(x, atom_coeff, bases, weight, bias, geo: AtomConvGeometry, *,
         config = tuned_config(
             "atom_conv2d_fwd", x, geo, tile_candidates(), default_config(x.dtype, arch),
             run=lambda c: launch_forward(x, atom_coeff, bases, weight, bias, geo, config=c),
-            footprint=lambda c: forward_footprint(fit_tile_config(c, geo), geo, x.dtype, arch),
+            footprint=lambda c: forward_footprint(forward_tile_launch(c, geo), geo, x.dtype, arch),
         )
     with launching.on_device_of(x):
-        forward_launch(x, atom_coeff, bases, weight, bias, y, geo, fit_tile_config(config, geo)).run()
+        forward_launch(x, atom_coeff, bases, weight, bias, y, geo, forward_tile_launch(config, geo)).run()
     return y
+
+
+def forward_tile_launch(config: TileConfig, geo: AtomConvGeometry) -> TileLaunch:
+    """The forward kernel's fit of a config: no tap groups where it runs by rows of taps."""
+    return fit_tile_config(config, geo, by_rows=row_passes(geo))
 
 
 def forward_launch(x, atom_coeff, bases, weight, bias, y, geo: AtomConvGeometry, launch: TileLaunch) -> Launch:
@@ -212,7 +256,8 @@ def forward_launch(x, atom_coeff, bases, weight, bias, y, geo: AtomConvGeometry,
     return Launch("atom_conv2d_fwd", atom_conv2d_fwd_kernel,
                   forward_kernel_args(x, atom_coeff, bases, weight, bias, y, geo, launch),
                   (forward_programs(geo, launch),), launch.num_warps, launch.num_stages,
-                  loop_trips=(triton.cdiv(geo.in_channels // geo.groups, launch.BLOCK_C),))
+                  loop_trips=((geo.kernel_size[0],) if row_passes(geo) else ())
+                  + (triton.cdiv(geo.in_channels // geo.groups, launch.BLOCK_C),))
 
 
 def forward_programs(geo: AtomConvGeometry, launch: TileLaunch) -> int:

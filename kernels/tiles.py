@@ -104,9 +104,10 @@ def to_columns(values, TAP_GROUPS: tl.constexpr, BLOCK_P: tl.constexpr):
 def tap_geometry(oh, ow, pix_mask, H, W, SH, SW, PH, PW, DH, DW, stride_x_h, stride_x_w, KH: tl.constexpr,
                  KW: tl.constexpr, TAP_GROUPS: tl.constexpr, BLOCK_P: tl.constexpr, WIDE: tl.constexpr):
     """(row_offsets, column_offsets, masks): for each of a column's taps (`column_tap`), the
-    offset of its input pixel from x[n, c, oh*SH, ow*SW] as a row part plus a column part, and
-    whether that pixel is inside the image (false for padding, for pixels past the end and for
-    taps that do not exist). With one tap group the parts are scalars, and a row pointer is
+    offset of its input pixel from the corner of the pixel's window, x[n, c, oh*SH - PH, ow*SW -
+    PW], as a row part plus a column part, and whether that pixel is inside the image (false for
+    padding, for pixels past the end and for taps that do not exist). With one tap group the
+    parts are scalars (constants where DH, DW and the strides are 1), and a row pointer is
     shared by the row's taps; with more, the offset is all in the row part (per column)."""
     TAPS: tl.constexpr = KH * KW
     row_offsets = ()
@@ -118,11 +119,11 @@ def tap_geometry(oh, ow, pix_mask, H, W, SH, SW, PH, PW, DH, DW, stride_x_h, str
         iw = ow * SW - PW + (t % KW) * DW
         inside = pix_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         if TAP_GROUPS == 1:
-            row_offsets = row_offsets + (offset((t // KW) * DH - PH, stride_x_h, WIDE),)
-            column_offsets = column_offsets + (offset((t % KW) * DW - PW, stride_x_w, WIDE),)
+            row_offsets = row_offsets + (offset((t // KW) * DH, stride_x_h, WIDE),)
+            column_offsets = column_offsets + (offset((t % KW) * DW, stride_x_w, WIDE),)
         else:
-            row_offsets = row_offsets + (offset((t // KW) * DH - PH, stride_x_h, WIDE)
-                                         + offset((t % KW) * DW - PW, stride_x_w, WIDE),)
+            row_offsets = row_offsets + (offset((t // KW) * DH, stride_x_h, WIDE)
+                                         + offset((t % KW) * DW, stride_x_w, WIDE),)
             column_offsets = column_offsets + (0,)
             inside = inside & exists
         masks = masks + (inside,)
@@ -286,6 +287,33 @@ def atom_l1_bound(atoms, M: tl.constexpr, PER_GROUP: tl.constexpr, TAP_GROUPS: t
 
 
 @triton.jit
+def atom_l1_bound_by_bases(coeff_ptr, coeff_pix, mask, stride_coeff_c, bases_ptr, stride_bases_l, stride_bases_h,
+                           stride_bases_w, M: tl.constexpr, L: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                           WIDE: tl.constexpr):
+    """[BLOCK_P] fp32, at least the largest L1 norm of a pixel's atoms without making them: by the
+    triangle inequality, ||A_m||_1 <= Σ_l |β[m*L + l]| · ||Ψ_l||_1 (β as `basis_coefficients`
+    loads it, 0 where mask is false)."""
+    TAPS: tl.constexpr = KH * KW
+    tap = tl.arange(0, 1 << (TAPS - 1).bit_length())
+    bounds = ()
+    for l in tl.static_range(L):
+        psi = tl.load(bases_ptr + l * stride_bases_l + (tap // KW) * stride_bases_h + (tap % KW) * stride_bases_w,
+                      mask=tap < TAPS, other=0.0).to(tl.float32)
+        norm = tl.sum(tl.abs(psi), axis=0)
+        betas = basis_coefficients(coeff_ptr, coeff_pix, mask, l, stride_coeff_c, M, L, WIDE)
+        if l == 0:
+            for m in tl.static_range(M):
+                bounds = bounds + (tl.abs(betas[m]) * norm,)
+        else:
+            for m in tl.static_range(M):
+                bounds = add_at(bounds, m, tl.abs(betas[m]) * norm)
+    bound = bounds[0]
+    for m in tl.static_range(1, M):
+        bound = tl.maximum(bound, bounds[m])
+    return bound
+
+
+@triton.jit
 def scaled_atoms(atoms, scale, COUNT: tl.constexpr):
     """Every atom multiplied by scale ([TAP_GROUPS * BLOCK_P] or a scalar)."""
     scaled = ()
@@ -309,7 +337,7 @@ def atom_times_features(x_ptrs, stride_x_c, channels_left, taps, atoms, M: tl.co
     """Stage 2 for one channel chunk: the tuple of M * BLOCK_C rows [COLUMNS] fp32 of Z, entry
     m * BLOCK_C + c: Z[m][c, q] = Σ_k A[m, t_k, q] · x[c, tap t_k of q] over the column's taps, x zero outside the
     image (the padding) and for channels c >= channels_left (unless EVEN_C: none are). x_ptrs
-    [COLUMNS] point at x[n, the chunk's first channel, oh*SH, ow*SW]; taps as `tap_geometry`,
+    [COLUMNS] point at x[n, the chunk's first channel, oh*SH - PH, ow*SW - PW]; taps as `tap_geometry`,
     atoms as `pixel_atoms` make them.
 
     Each channel is loaded and summed as a row [COLUMNS] of its own, and a caller stacks rows

@@ -98,9 +98,9 @@ def kernel_launch(kernel: str, problem: dict, dtype: torch.dtype, config: config
     if kernel == "atom_conv2d_bwd_input":
         return backward.input_grad_launch(atom_coeff, bases, weight, y, x, geo,
                                           configs.fit_tile_config(config, geo, transposed=True))
-    fitted = configs.fit_tile_config(config, geo)
     if kernel == "atom_conv2d_fwd":
-        return forward.forward_launch(x, atom_coeff, bases, weight, bias, y, geo, fitted)
+        return forward.forward_launch(x, atom_coeff, bases, weight, bias, y, geo, forward.forward_tile_launch(config, geo))
+    fitted = configs.fit_tile_config(config, geo)
     if kernel in ("atom_conv2d_bwd_coeff", "atom_conv2d_bwd_coeff_bases"):
         programs = geo.batch * triton.cdiv(geo.out_size[0] * geo.out_size[1], fitted.BLOCK_P)
         dbases = torch.empty(programs, geo.num_bases, geo.kernel_size[0] * geo.kernel_size[1], device="meta")

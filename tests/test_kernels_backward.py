@@ -14,7 +14,7 @@ import triton
 import kernels
 from atomconv.reference import atom_conv2d_reference
 from atomconv.validation import validate_atom_conv2d
-from kernels import backward, configs
+from kernels import backward, configs, forward
 from helpers import DEVICE, GEOMETRIES, REL_TOL, make_problem, static_atom_problem, to
 
 NAMES = ("x", "atom_coeff", "bases", "weight")
@@ -236,4 +236,6 @@ def test_taps_split_over_tap_groups(problem, dtype):
     default = configs.default_config(dtype, "sm_80")
     assert configs.fit_tile_config(default, geo).TAP_GROUPS > 1
     assert configs.fit_tile_config(default, geo, transposed=True).TAP_GROUPS > 1
+    # (the forward runs these by rows of taps instead: tests/test_kernels_forward.py)
+    assert configs.row_passes(geo) and forward.forward_tile_launch(default, geo).TAP_GROUPS == 1
     check(tensors, kwargs, dtype)

@@ -186,20 +186,37 @@ def test_the_default_is_a_candidate():
             assert configs.default_config(dtype, arch) == configs.tile_candidates()[0]
 
 
-TAP_GROUP_PROBLEMS = [  # (kernel, stride, padding, dilation, groups): M*KH*KW atoms too many for one thread
+LARGE_KERNEL_PROBLEMS = [  # (kernel, stride, padding, dilation, groups): M*KH*KW atoms too many for one thread
     (5, 1, 2, 1, 1),
     (7, 1, 3, 1, 1),
     ((3, 7), 2, (1, 3), (2, 1), 2),
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("problem", TAP_GROUP_PROBLEMS, ids=lambda p: "k{}-s{}-p{}-d{}-g{}".format(*p))
-def test_taps_split_over_tap_groups(problem, dtype):
-    """Large kernels: each pixel's taps are split over several threads (tap groups) and the dot
-    sums their partial Z; the default config must really split here."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("problem", LARGE_KERNEL_PROBLEMS, ids=lambda p: "k{}-s{}-p{}-d{}-g{}".format(*p))
+def test_large_kernels_run_by_rows_of_taps(problem, dtype):
+    """Large kernels whose rows of atoms fit a thread: one pass per row of taps, each adding its
+    share of y (the default config must really run by rows here)."""
     kernel, stride, padding, dilation, groups = problem
     tensors, kwargs = make_problem(2, 4, 6, (9, 8), kernel, stride, padding, dilation, groups, num_atoms=6, num_bases=5)
     geo = validate_atom_conv2d(*tensors, **kwargs)
-    assert configs.fit_tile_config(configs.default_config(dtype, "sm_80"), geo).TAP_GROUPS > 1
+    assert configs.row_passes(geo)
+    assert forward.forward_tile_launch(configs.default_config(dtype, "sm_80"), geo).TAP_GROUPS == 1
+    check(tensors, kwargs, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("problem", [((1, 11), 1, (0, 5), 1, 1), ((3, 11), 2, 1, (2, 1), 1)],
+                         ids=lambda p: "k{}-s{}-p{}-d{}-g{}".format(*p))
+def test_taps_split_over_tap_groups(problem, dtype):
+    """Kernels too wide for even one row of atoms per thread (KW * M > 64): each pixel's taps are
+    split over several threads (tap groups) and the dot sums their partial Z; the default config
+    must really split here."""
+    kernel, stride, padding, dilation, groups = problem
+    tensors, kwargs = make_problem(1, 4, 6, (7, 13), kernel, stride, padding, dilation, groups, num_atoms=6,
+                                   num_bases=5)
+    geo = validate_atom_conv2d(*tensors, **kwargs)
+    assert not configs.row_passes(geo)
+    assert forward.forward_tile_launch(configs.default_config(dtype, "sm_80"), geo).TAP_GROUPS > 1
     check(tensors, kwargs, dtype)

@@ -335,10 +335,10 @@ def scaled_to_unit_l1(atoms, M: tl.constexpr, PER_GROUP: tl.constexpr, TAP_GROUP
 def atom_times_features(x_ptrs, stride_x_c, channels_left, taps, atoms, M: tl.constexpr, PER_GROUP: tl.constexpr,
                         EVEN_C: tl.constexpr, BLOCK_C: tl.constexpr, COLUMNS: tl.constexpr, WIDE: tl.constexpr):
     """Stage 2 for one channel chunk: the tuple of M * BLOCK_C rows [COLUMNS] fp32 of Z, entry
-    m * BLOCK_C + c: Z[m][c, q] = Σ_k A[m, t_k, q] · x[c, tap t_k of q] over the column's taps, x zero outside the
-    image (the padding) and for channels c >= channels_left (unless EVEN_C: none are). x_ptrs
-    [COLUMNS] point at x[n, the chunk's first channel, oh*SH - PH, ow*SW - PW]; taps as `tap_geometry`,
-    atoms as `pixel_atoms` make them.
+    m * BLOCK_C + c: Z[m][c, q] = Σ_k A[m, t_k, q] · x[c, tap t_k of q] over the column's taps, x
+    zero outside the image (the padding) and for channels c >= channels_left (unless EVEN_C: none
+    are). x_ptrs [COLUMNS] point at x[n, the chunk's first channel, oh*SH - PH, ow*SW - PW] (the
+    corner of each pixel's window); taps as `tap_geometry`, atoms as `pixel_atoms` make them.
 
     Each channel is loaded and summed as a row [COLUMNS] of its own, and a caller stacks rows
     into the tile its dot reads (`rows_tile`, `columns_tile`): a column's channels then stay in
@@ -370,8 +370,7 @@ def rows_tile(rows, ROWS: tl.constexpr, COLS: tl.constexpr):
 def columns_tile(rows, ROWS: tl.constexpr, COLS: tl.constexpr):
     """A tuple of ROWS rows [COLS] (ROWS a power of two) as the tile [COLS, ROWS] of their
     columns, by joining halves: rows i and i + n/2 of n, so that the joined axes, read in order,
-    spell each row's index, and a thread's registers hold its columns' rows in order (a 16-bit
-    dot operand with rows along its contiguous axis is then stored with wide stores)."""
+    spell each row's index (and a thread's registers hold its columns' rows in order)."""
     items = rows
     for level in tl.static_range(ROWS.bit_length() - 1):
         joined = ()

@@ -76,7 +76,6 @@ def atom_conv2d_fwd_kernel(
     pixel (no tap groups), and the compiled loop body is one row's, not KH rows'.
     """
     PER_GROUP: tl.constexpr = (KH * KW + TAP_GROUPS - 1) // TAP_GROUPS
-    COLUMNS: tl.constexpr = TAP_GROUPS * BLOCK_P
     num_o_tiles = tl.cdiv(C_out_g, BLOCK_O)
     pid = tl.program_id(0)
     pid_p, pid_go = pid // (G * num_o_tiles), pid % (G * num_o_tiles)
@@ -191,9 +190,11 @@ def pack_weight(weight: torch.Tensor, launch: TileLaunch) -> torch.Tensor:
     return packed.view(c_out, chunks, launch.BLOCK_C, m_dot).transpose(2, 3).contiguous()
 
 
-def forward_footprint(launch: TileLaunch, geo: AtomConvGeometry, dtype: torch.dtype, arch: str) -> autotune_cache.Footprint:
+def forward_footprint(launch: TileLaunch, geo: AtomConvGeometry, dtype: torch.dtype, arch: str, *,
+                      by_rows: bool = False) -> autotune_cache.Footprint:
     """What a config costs on a problem, for candidate pruning. Registers per thread, at least:
-    the atoms (M*KH*KW, or M*KW by rows of taps), Z (M*BLOCK_C) and the accumulator (BLOCK_O, one pixel per thread), fp32.
+    the atoms (M*KH*KW, or one row's M*KW for a kernel that runs `by_rows` of taps), Z (M*BLOCK_C)
+    and the accumulator (BLOCK_O, one pixel per thread), fp32.
     Shared memory: the stage-3 dot's operands, α [BLOCK_O, K] and Z [K, BLOCK_P] in the input
     dtype (K = ATOMS_PER_DOT * BLOCK_C). Cost: stage 2 on the padded channel tiles, redone for every
     output-channel tile, plus stage 1 per output-channel tile."""
@@ -201,7 +202,7 @@ def forward_footprint(launch: TileLaunch, geo: AtomConvGeometry, dtype: torch.dt
     c_in_g, c_out_g = geo.in_channels // geo.groups, geo.out_channels // geo.groups
     pixels = geo.out_size[0] * geo.out_size[1]
     k = launch.ATOMS_PER_DOT * launch.BLOCK_C
-    registers = m * (kw if row_passes(geo) else kh * kw) + m * launch.BLOCK_C + launch.BLOCK_O
+    registers = m * (kw if by_rows else kh * kw) + m * launch.BLOCK_C + launch.BLOCK_O
     padded_pixels = geo.batch * launch.BLOCK_P * triton.cdiv(pixels, launch.BLOCK_P)
     o_tiles = geo.groups * triton.cdiv(c_out_g, launch.BLOCK_O)
     padded_c = launch.BLOCK_C * triton.cdiv(c_in_g, launch.BLOCK_C)
@@ -239,7 +240,8 @@ def launch_forward(x, atom_coeff, bases, weight, bias, geo: AtomConvGeometry, *,
         config = tuned_config(
             "atom_conv2d_fwd", x, geo, tile_candidates(), default_config(x.dtype, arch),
             run=lambda c: launch_forward(x, atom_coeff, bases, weight, bias, geo, config=c),
-            footprint=lambda c: forward_footprint(forward_tile_launch(c, geo), geo, x.dtype, arch),
+            footprint=lambda c: forward_footprint(forward_tile_launch(c, geo), geo, x.dtype, arch,
+                                                  by_rows=row_passes(geo)),
         )
     with launching.on_device_of(x):
         forward_launch(x, atom_coeff, bases, weight, bias, y, geo, forward_tile_launch(config, geo)).run()

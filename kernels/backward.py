@@ -73,7 +73,7 @@ from .tiles import (add_at, atom_l1_bound, atom_times_features, basis_at_tap, ba
 @triton.jit
 def atom_conv2d_bwd_coeff_kernel(
     x_ptr, coeff_ptr, bases_ptr, w_ptr, dy_ptr, dcoeff_ptr, dbases_ptr,
-    H, W, H_out, W_out, G, C_in_g, C_out_g,
+    N, H, W, H_out, W_out, G, C_in_g, C_out_g,
     SH, SW, PH, PW, DH, DW,
     stride_x_n, stride_x_c, stride_x_h, stride_x_w,
     stride_coeff_n, stride_coeff_c, stride_coeff_h, stride_coeff_w,
@@ -90,7 +90,7 @@ def atom_conv2d_bwd_coeff_kernel(
     dβ (dcoeff) [N, M*L, H_out, W_out] and, if BASES_GRAD, dΨ partials (dbases) [programs, L,
     KH*KW] float32 contiguous. Any strides elsewhere (dy may be an expanded, stride-0 tensor).
 
-    1-D grid of N * cdiv(H_out*W_out, BLOCK_P) programs; each loops over the channel chunks of
+    1-D grid of cdiv(N*H_out*W_out, BLOCK_P) programs; each loops over the channel chunks of
     every group, since dβ sums over all of them. BLOCK_O output channels per step of dZ's dots,
     WIDE_ATOMS (a power of two, `wide_dot_atoms`) atoms per dot. With TAP_GROUPS > 1 each column (one
     pixel's group of taps) has the dZ of its pixel.
@@ -100,10 +100,9 @@ def atom_conv2d_bwd_coeff_kernel(
     COLUMNS: tl.constexpr = TAP_GROUPS * BLOCK_P
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
-    n, pix, oh, ow, pix_mask = pixel_tile(pid, H_out, W_out, BLOCK_P, TAP_GROUPS, FLAT_DY)  # per column
-    x_ptr += n * stride_x_n
-    dy_ptr += n * stride_dy_n
-    dy_pix = pixel_offset(pix, oh, ow, stride_dy_h, stride_dy_w, FLAT_DY, WIDE)
+    n, pix, oh, ow, pix_mask = pixel_tile(pid, N, H_out, W_out, BLOCK_P, TAP_GROUPS, FLAT_DY)  # per column
+    x_ptr += n * stride_x_n  # (per column, at its sample)
+    dy_pix = n * stride_dy_n + pixel_offset(pix, oh, ow, stride_dy_h, stride_dy_w, FLAT_DY, WIDE)
     x_pix = offset(oh * SH - PH, stride_x_h, WIDE) + offset(ow * SW - PW, stride_x_w, WIDE)  # window corner
     row_offsets, column_offsets, tap_masks = tap_geometry(oh, ow, pix_mask, H, W, SH, SW, PH, PW, DH, DW, stride_x_h,
                                                           stride_x_w, KH, KW, TAP_GROUPS, BLOCK_P, WIDE)
@@ -156,8 +155,8 @@ def atom_conv2d_bwd_coeff_kernel(
 
     # dβ[m*L + l] = Σ_taps dA[m, tap] · Ψ[l, tap]: over each column's taps, then a pixel's columns.
     # (Bases outermost, each Ψ value used by every atom as it is loaded, as in `pixel_atoms`.)
-    _, out_pix, out_h, out_w, out_mask = pixel_tile(pid, H_out, W_out, BLOCK_P, 1, 1)  # per pixel
-    dcoeff_pix = offset(out_h, stride_dcoeff_h, WIDE) + offset(out_w, stride_dcoeff_w, WIDE)
+    out_n, _, out_h, out_w, out_mask = pixel_tile(pid, N, H_out, W_out, BLOCK_P, 1, 1)  # per pixel
+    dcoeff_pix = out_n * stride_dcoeff_n + offset(out_h, stride_dcoeff_h, WIDE) + offset(out_w, stride_dcoeff_w, WIDE)
     for l in tl.static_range(L):
         d_beta = (tl.zeros([COLUMNS], tl.float32),) * M
         for k in tl.static_range(PER_GROUP):
@@ -166,7 +165,7 @@ def atom_conv2d_bwd_coeff_kernel(
             for m in tl.static_range(M):
                 d_beta = add_at(d_beta, m, d_atoms[k * M + m] * psi)
         for m in tl.static_range(M):
-            tl.store(dcoeff_ptr + n * stride_dcoeff_n + offset(m * L + l, stride_dcoeff_c, WIDE) + dcoeff_pix,
+            tl.store(dcoeff_ptr + offset(m * L + l, stride_dcoeff_c, WIDE) + dcoeff_pix,
                      pixel_sum(d_beta[m], TAP_GROUPS, BLOCK_P).to(dcoeff_ptr.dtype.element_ty), mask=out_mask)
     if BASES_GRAD:
         # dΨ[l, tap] partial = Σ over the tile's pixels and the atoms of β[m*L + l] · dA[m, tap].
@@ -192,7 +191,7 @@ def atom_conv2d_bwd_coeff_kernel(
 @triton.jit
 def atom_conv2d_bwd_weight_kernel(
     x_ptr, coeff_ptr, bases_ptr, dy_ptr, dw_ptr,
-    H, W, H_out, W_out, G, C_in_g, C_out_g, N,
+    N, H, W, H_out, W_out, G, C_in_g, C_out_g,
     SH, SW, PH, PW, DH, DW,
     stride_x_n, stride_x_c, stride_x_h, stride_x_w,
     stride_coeff_n, stride_coeff_c, stride_coeff_h, stride_coeff_w,
@@ -227,8 +226,9 @@ def atom_conv2d_bwd_weight_kernel(
     o_mask = o < C_out_g
     # dα of atoms b*WIDE_ATOMS .. in dw[b] [BLOCK_O, WIDE_ATOMS * BLOCK_C]: one dot per block reads dy once.
     dw = (tl.zeros([BLOCK_O, WIDE_ATOMS * BLOCK_C], tl.float32),) * ((M + WIDE_ATOMS - 1) // WIDE_ATOMS)
-    for pixel_tile_id in range(split, N * tl.cdiv(H_out * W_out, BLOCK_P), SPLITS):
-        n, pix, oh, ow, pix_mask = pixel_tile(pixel_tile_id, H_out, W_out, BLOCK_P, TAP_GROUPS, FLAT_DY)  # per column
+    pixel_tiles = tl.cdiv(tl.cast(N, tl.int64) * (H_out * W_out), BLOCK_P).to(tl.int32)  # (N*H_out*W_out may pass 2**31)
+    for pixel_tile_id in range(split, pixel_tiles, SPLITS):
+        n, pix, oh, ow, pix_mask = pixel_tile(pixel_tile_id, N, H_out, W_out, BLOCK_P, TAP_GROUPS, FLAT_DY)  # per column
         atoms = pixel_atoms(coeff_ptr + n * stride_coeff_n, offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE),
                             pix_mask, stride_coeff_c, bases_ptr, stride_bases_l, stride_bases_h, stride_bases_w,
                             M, L, KH, KW, TAP_GROUPS, BLOCK_P, WIDE)
@@ -243,8 +243,8 @@ def atom_conv2d_bwd_weight_kernel(
                                 + x_pix, stride_x_c, C_in_g - chunk * BLOCK_C, taps, atoms, M, PER_GROUP, EVEN_C,
                                 BLOCK_C, COLUMNS, WIDE)
         # dy of each column's pixel: the dot then sums the tap groups' partial Z along with the pixels.
-        dy = tl.load(dy_ptr + n * stride_dy_n + offset(group * C_out_g + o, stride_dy_c, WIDE)[:, None]
-                     + pixel_offset(pix, oh, ow, stride_dy_h, stride_dy_w, FLAT_DY, WIDE)[None, :],
+        dy = tl.load(dy_ptr + offset(group * C_out_g + o, stride_dy_c, WIDE)[:, None]
+                     + (n * stride_dy_n + pixel_offset(pix, oh, ow, stride_dy_h, stride_dy_w, FLAT_DY, WIDE))[None, :],
                      mask=o_mask[:, None] & pix_mask[None, :], other=0.0)
         dy = dot_operand(dy, dtype, INTERPRETED)
         for b in tl.static_range(len(dw)):
@@ -286,7 +286,7 @@ def _reading_output_coord(in_coord, pad, tap_offset, step, out_size, ok):
 @triton.jit
 def atom_conv2d_bwd_input_kernel(
     dy_ptr, coeff_ptr, bases_ptr, w_ptr, dx_ptr,
-    H, W, H_out, W_out, G, C_in_g, C_out_g,
+    N, H, W, H_out, W_out, G, C_in_g, C_out_g,
     SH, SW, PH, PW, DH, DW,
     stride_dy_n, stride_dy_c, stride_dy_h, stride_dy_w,
     stride_coeff_n, stride_coeff_c, stride_coeff_h, stride_coeff_w,
@@ -303,7 +303,7 @@ def atom_conv2d_bwd_input_kernel(
 
     The forward's tiling of the transposed problem: BLOCK_P input pixels (times TAP_GROUPS
     columns), BLOCK_O input channels (the dot's rows), output channels reduced in chunks of
-    BLOCK_C. 1-D grid of N * cdiv(H*W, BLOCK_P) * G * cdiv(C_in_g, BLOCK_O) programs.
+    BLOCK_C. 1-D grid of cdiv(N*H*W, BLOCK_P) * G * cdiv(C_in_g, BLOCK_O) programs.
     UNIT_STRIDE: SH == SW == 1, so the output pixel that reads q through a tap is q shifted by a
     constant: with one tap group, a tap's dy and β offsets are then one vector plus a scalar.
     """
@@ -314,8 +314,8 @@ def atom_conv2d_bwd_input_kernel(
     pid = tl.program_id(0)
     pid_p, pid_gc = pid // (G * num_c_tiles), pid % (G * num_c_tiles)
     group, pid_c = pid_gc // num_c_tiles, pid_gc % num_c_tiles
-    n, _, ih, iw, q_mask = pixel_tile(pid_p, H, W, BLOCK_P, TAP_GROUPS, 1)  # per column
-    dy_ptr += n * stride_dy_n + offset(group * C_out_g, stride_dy_c, WIDE)
+    n, _, ih, iw, q_mask = pixel_tile(pid_p, N, H, W, BLOCK_P, TAP_GROUPS, 1)  # per column
+    dy_ptr += n * stride_dy_n + offset(group * C_out_g, stride_dy_c, WIDE)  # (per column, at its sample)
     coeff_ptr += n * stride_coeff_n
 
     # The atoms that reach each input pixel: tap t's atoms at the output pixel p_t(q) that reads
@@ -376,16 +376,17 @@ def atom_conv2d_bwd_input_kernel(
 
     if dx_ptr.dtype.element_ty == tl.float16:
         acc *= inverse_scale[None, :]
-    _, q, ih, iw, q_mask = pixel_tile(pid_p, H, W, BLOCK_P, 1, FLAT_DX)  # per pixel
-    dx_ptrs = dx_ptr + n * stride_dx_n + offset(group * C_in_g + c, stride_dx_c, WIDE)[:, None] \
-        + pixel_offset(q, ih, iw, stride_dx_h, stride_dx_w, FLAT_DX, WIDE)[None, :]
+    n, q, ih, iw, q_mask = pixel_tile(pid_p, N, H, W, BLOCK_P, 1, FLAT_DX)  # per pixel
+    dx_ptrs = dx_ptr + offset(group * C_in_g + c, stride_dx_c, WIDE)[:, None] \
+        + (n * stride_dx_n + pixel_offset(q, ih, iw, stride_dx_h, stride_dx_w, FLAT_DX, WIDE))[None, :]
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=c_mask[:, None] & q_mask[None, :])
 
 
 def _geometry_args(geo: AtomConvGeometry) -> dict[str, int]:
     """The geometry arguments every backward kernel takes, by name, and its compile-time shape."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geo.kernel_size, geo.stride, geo.padding, geo.dilation
-    return dict(H=geo.in_size[0], W=geo.in_size[1], H_out=geo.out_size[0], W_out=geo.out_size[1], G=geo.groups,
+    return dict(N=geo.batch, H=geo.in_size[0], W=geo.in_size[1], H_out=geo.out_size[0], W_out=geo.out_size[1],
+                G=geo.groups,
                 C_in_g=geo.in_channels // geo.groups, C_out_g=geo.out_channels // geo.groups,
                 SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw)
 
@@ -420,7 +421,7 @@ def wide_dot_atoms(geo: AtomConvGeometry, launch: TileLaunch, dtype: torch.dtype
 def coeff_grad_launch(x, atom_coeff, bases, weight, grad_y, dcoeff, dbases, geo: AtomConvGeometry,
                       launch: TileLaunch) -> Launch:
     """The dβ kernel's launch (dbases None: no dΨ, BASES_GRAD off; else [programs, L, KH*KW])."""
-    programs = geo.batch * triton.cdiv(geo.out_size[0] * geo.out_size[1], launch.BLOCK_P)
+    programs = launching.pixel_tiles(geo.batch, geo.out_size[0] * geo.out_size[1], launch.BLOCK_P)
     launching.check_int32_indexing("H_out*W_out", geo.out_size[0] * geo.out_size[1], launch.BLOCK_P, programs)
     args = dict(
         x_ptr=x, coeff_ptr=atom_coeff, bases_ptr=bases, w_ptr=pack_weight(weight, launch), dy_ptr=grad_y,
@@ -451,7 +452,7 @@ def weight_grad_launch(x, atom_coeff, bases, grad_y, dweight_partials, geo: Atom
                                    alpha_tiles * splits)
     args = dict(
         x_ptr=x, coeff_ptr=atom_coeff, bases_ptr=bases, dy_ptr=grad_y, dw_ptr=dweight_partials,
-        **_geometry_args(geo), N=geo.batch,
+        **_geometry_args(geo),
         **strides("stride_x", "nchw", x), **strides("stride_coeff", "nchw", atom_coeff),
         **strides("stride_bases", "lhw", bases), **strides("stride_dy", "nchw", grad_y),
         SPLITS=splits, **_shape_args(geo),
@@ -460,7 +461,7 @@ def weight_grad_launch(x, atom_coeff, bases, grad_y, dweight_partials, geo: Atom
         FLAT_DY=pixel_run(grad_y),
         WIDE=needs_wide_offsets(x, atom_coeff, grad_y), DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,
     )
-    pixel_tiles = geo.batch * triton.cdiv(geo.out_size[0] * geo.out_size[1], launch.BLOCK_P)
+    pixel_tiles = launching.pixel_tiles(geo.batch, geo.out_size[0] * geo.out_size[1], launch.BLOCK_P)
     return Launch("atom_conv2d_bwd_weight", atom_conv2d_bwd_weight_kernel, args, (alpha_tiles, splits),
                   launch.num_warps, launch.num_stages, loop_trips=(pixel_tiles / splits,))
 
@@ -470,7 +471,7 @@ def input_grad_launch(atom_coeff, bases, weight, grad_y, dx, geo: AtomConvGeomet
     transposed=True)`)."""
     c_in_g, c_out_g = geo.in_channels // geo.groups, geo.out_channels // geo.groups
     pixels = geo.in_size[0] * geo.in_size[1]
-    programs = geo.batch * triton.cdiv(pixels, launch.BLOCK_P) * geo.groups * triton.cdiv(c_in_g, launch.BLOCK_O)
+    programs = launching.pixel_tiles(geo.batch, pixels, launch.BLOCK_P) * geo.groups * triton.cdiv(c_in_g, launch.BLOCK_O)
     launching.check_int32_indexing("H*W", pixels, launch.BLOCK_P, programs)
     args = dict(
         dy_ptr=grad_y, coeff_ptr=atom_coeff, bases_ptr=bases, w_ptr=pack_transposed_weight(weight, geo.groups, launch),
@@ -510,7 +511,7 @@ def coeff_grad_footprint(launch: TileLaunch, geo: AtomConvGeometry, dtype: torch
     (kh, kw), m = geo.kernel_size, geo.num_atoms
     c_in_g = geo.in_channels // geo.groups
     pixels = geo.out_size[0] * geo.out_size[1]
-    padded_pixels = geo.batch * launch.BLOCK_P * triton.cdiv(pixels, launch.BLOCK_P)
+    padded_pixels = launch.BLOCK_P * launching.pixel_tiles(geo.batch, pixels, launch.BLOCK_P)
     padded_c = launch.BLOCK_C * triton.cdiv(c_in_g, launch.BLOCK_C)
     return autotune_cache.Footprint(
         launch=launch, threads=32 * launch.num_warps,
@@ -553,7 +554,7 @@ def launch_coeff_grad(grad_y, x, atom_coeff, bases, weight, geo: AtomConvGeometr
         run=lambda c: launch_coeff_grad(grad_y, x, atom_coeff, bases, weight, geo, bases_grad=bases_grad, config=c),
         footprint=lambda c: coeff_grad_footprint(fit_tile_config(c, geo), geo, x.dtype, arch, bases_grad))
     launch = fit_tile_config(config, geo)
-    programs = geo.batch * triton.cdiv(geo.out_size[0] * geo.out_size[1], launch.BLOCK_P)
+    programs = launching.pixel_tiles(geo.batch, geo.out_size[0] * geo.out_size[1], launch.BLOCK_P)
     taps = geo.kernel_size[0] * geo.kernel_size[1]
     partials = torch.zeros(programs, geo.num_bases, taps, dtype=torch.float32, device=x.device) if bases_grad else None
     if programs:

@@ -32,7 +32,7 @@ import autotune_cache
 
 from atomconv.validation import AtomConvGeometry
 
-from .launch import KERNEL_DTYPES, on_device_of
+from .launch import KERNEL_DTYPES, on_device_of, pixel_tiles
 
 ARCHS = ("sm_80", "sm_90")
 MIN_DOT_SIZE = 16
@@ -195,8 +195,8 @@ def weight_grad_splits(geo: AtomConvGeometry, launch: TileLaunch, target_program
     writes one float32 partial of α, so the scratch is about target_programs α tiles."""
     c_in_g, c_out_g = geo.in_channels // geo.groups, geo.out_channels // geo.groups
     alpha_tiles = geo.groups * _cdiv(c_out_g, launch.BLOCK_O) * _cdiv(c_in_g, launch.BLOCK_C)
-    pixel_tiles = geo.batch * _cdiv(geo.out_size[0] * geo.out_size[1], launch.BLOCK_P)
-    return max(1, min(pixel_tiles, _cdiv(target_programs, alpha_tiles)))
+    tiles = pixel_tiles(geo.batch, geo.out_size[0] * geo.out_size[1], launch.BLOCK_P)
+    return max(1, min(tiles, _cdiv(target_programs, alpha_tiles)))
 
 
 def _cdiv(a: int, b: int) -> int:

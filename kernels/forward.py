@@ -49,7 +49,7 @@ from .tiles import (atom_l1_bound_by_bases, atom_times_features, coefficient_sum
 @triton.jit
 def atom_conv2d_fwd_kernel(
     x_ptr, coeff_ptr, bases_ptr, w_ptr, bias_ptr, y_ptr,
-    H, W, H_out, W_out, G, C_in_g, C_out_g,
+    N, H, W, H_out, W_out, G, C_in_g, C_out_g,
     SH, SW, PH, PW, DH, DW,
     stride_x_n, stride_x_c, stride_x_h, stride_x_w,
     stride_coeff_n, stride_coeff_c, stride_coeff_h, stride_coeff_w,
@@ -65,7 +65,7 @@ def atom_conv2d_fwd_kernel(
     [C_out, cdiv(C_in_g, BLOCK_C), M_DOT, BLOCK_C] contiguous (`pack_weight`), bias [C_out] or
     None -> y [N, C_out, H_out, W_out]; x, β, Ψ, bias and y with any strides.
 
-    1-D grid of N * cdiv(H_out*W_out, BLOCK_P) * G * cdiv(C_out_g, BLOCK_O) programs; the
+    1-D grid of cdiv(N*H_out*W_out, BLOCK_P) * G * cdiv(C_out_g, BLOCK_O) programs; the
     output-channel tiles of one pixel tile are neighbours, so they find its x and β in L2.
     EVEN_C: C_in_g is a multiple of BLOCK_C. FLAT_Y: `launch.pixel_run` of y (nonzero: one run).
     WIDE: int64 offsets inside a sample.
@@ -80,10 +80,9 @@ def atom_conv2d_fwd_kernel(
     pid = tl.program_id(0)
     pid_p, pid_go = pid // (G * num_o_tiles), pid % (G * num_o_tiles)
     group, pid_o = pid_go // num_o_tiles, pid_go % num_o_tiles
-    n, _, oh, ow, pix_mask = pixel_tile(pid_p, H_out, W_out, BLOCK_P, TAP_GROUPS, 1)  # per column
-    x_ptr += n * stride_x_n + offset(group * C_in_g, stride_x_c, WIDE)
+    n, _, oh, ow, pix_mask = pixel_tile(pid_p, N, H_out, W_out, BLOCK_P, TAP_GROUPS, 1)  # per column
+    x_ptr += n * stride_x_n + offset(group * C_in_g, stride_x_c, WIDE)  # (per column, at its sample)
     coeff_ptr += n * stride_coeff_n
-    y_ptr += n * stride_y_n
 
     coeff_pix = offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE)
     # Output channels of this tile (inside the group) and their packed α rows.
@@ -128,9 +127,9 @@ def atom_conv2d_fwd_kernel(
     o_glob = group * C_out_g + o
     if bias_ptr is not None:
         acc += tl.load(bias_ptr + o_glob * stride_bias, mask=o_mask, other=0.0).to(tl.float32)[:, None]
-    _, pix, oh, ow, pix_mask = pixel_tile(pid_p, H_out, W_out, BLOCK_P, 1, FLAT_Y)  # per pixel
+    n, pix, oh, ow, pix_mask = pixel_tile(pid_p, N, H_out, W_out, BLOCK_P, 1, FLAT_Y)  # per pixel
     y_ptrs = y_ptr + offset(o_glob, stride_y_c, WIDE)[:, None] \
-        + pixel_offset(pix, oh, ow, stride_y_h, stride_y_w, FLAT_Y, WIDE)[None, :]
+        + (n * stride_y_n + pixel_offset(pix, oh, ow, stride_y_h, stride_y_w, FLAT_Y, WIDE))[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=o_mask[:, None] & pix_mask[None, :])
 
 
@@ -163,7 +162,7 @@ def forward_kernel_args(x, atom_coeff, bases, weight, bias, y, geo: AtomConvGeom
     return dict(
         x_ptr=x, coeff_ptr=atom_coeff, bases_ptr=bases, w_ptr=pack_weight(weight, launch),
         bias_ptr=bias, y_ptr=y,
-        H=geo.in_size[0], W=geo.in_size[1], H_out=geo.out_size[0], W_out=geo.out_size[1],
+        N=geo.batch, H=geo.in_size[0], W=geo.in_size[1], H_out=geo.out_size[0], W_out=geo.out_size[1],
         G=geo.groups, C_in_g=c_in_g, C_out_g=geo.out_channels // geo.groups,
         SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw,
         **strides("stride_x", "nchw", x), **strides("stride_coeff", "nchw", atom_coeff),
@@ -203,7 +202,7 @@ def forward_footprint(launch: TileLaunch, geo: AtomConvGeometry, dtype: torch.dt
     pixels = geo.out_size[0] * geo.out_size[1]
     k = launch.ATOMS_PER_DOT * launch.BLOCK_C
     registers = m * (kw if by_rows else kh * kw) + m * launch.BLOCK_C + launch.BLOCK_O
-    padded_pixels = geo.batch * launch.BLOCK_P * triton.cdiv(pixels, launch.BLOCK_P)
+    padded_pixels = launch.BLOCK_P * launching.pixel_tiles(geo.batch, pixels, launch.BLOCK_P)
     o_tiles = geo.groups * triton.cdiv(c_out_g, launch.BLOCK_O)
     padded_c = launch.BLOCK_C * triton.cdiv(c_in_g, launch.BLOCK_C)
     cost = padded_pixels * o_tiles * m * kh * kw * (padded_c + geo.num_bases)
@@ -263,9 +262,10 @@ def forward_launch(x, atom_coeff, bases, weight, bias, y, geo: AtomConvGeometry,
 
 
 def forward_programs(geo: AtomConvGeometry, launch: TileLaunch) -> int:
-    """Pixel tiles (per sample) x groups x output-channel tiles; pixel and program ids are int32."""
+    """Pixel tiles (of the batch) x groups x output-channel tiles; program ids and pixel indices
+    inside a sample are int32."""
     pixels = geo.out_size[0] * geo.out_size[1]
-    programs = (geo.batch * triton.cdiv(pixels, launch.BLOCK_P) * geo.groups
+    programs = (launching.pixel_tiles(geo.batch, pixels, launch.BLOCK_P) * geo.groups
                 * triton.cdiv(geo.out_channels // geo.groups, launch.BLOCK_O))
     launching.check_int32_indexing("H_out*W_out", pixels, launch.BLOCK_P, programs)
     return programs

@@ -102,6 +102,12 @@ def strides(prefix: str, dims: str, t: torch.Tensor) -> dict[str, int]:
     return {f"{prefix}_{d}": s for d, s in zip(dims, t.stride())}
 
 
+def pixel_tiles(batch: int, pixels: int, block_p: int) -> int:
+    """How many tiles of block_p pixels cover `batch` samples of `pixels` pixels each, taken sample
+    after sample (`tiles.pixel_tile`: a tile may span samples)."""
+    return triton.cdiv(batch * pixels, block_p)
+
+
 def check_int32_indexing(what: str, pixels_per_sample: int, block_p: int, programs: int) -> None:
     """The kernels index the pixels of one sample and the programs in int32 (tensor offsets are
     made wider, see `needs_wide_offsets`): refuse, with a message, a launch whose padded pixel

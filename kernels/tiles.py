@@ -1,6 +1,6 @@
 """The on-chip pieces the forward and backward kernels share (all `@triton.jit`).
 
-Tiles. A program owns BLOCK_P consecutive output pixels of one sample (`pixel_tile`), one
+Tiles. A program owns BLOCK_P consecutive output pixels of the batch (`pixel_tile`), one
 thread per pixel: per-pixel values are [BLOCK_P] vectors, per-pixel-and-channel values
 [BLOCK_C, BLOCK_P] tiles whose BLOCK_C channels sit in the thread's registers, so the atoms of
 a pixel are never replicated across threads and loads of x along a row are coalesced. The
@@ -40,23 +40,34 @@ def offset(index, stride, WIDE: tl.constexpr):
 
 
 @triton.jit
-def pixel_tile(pid_p, H_out, W_out, BLOCK_P: tl.constexpr, TAP_GROUPS: tl.constexpr, PIXEL_RUN: tl.constexpr):
-    """Program id over (sample, pixel tile) -> n (int64 scalar), and pix (the pixel's index in
-    the sample's H_out * W_out grid), oh, ow and the mask of the pixels inside that grid, for
-    the TAP_GROUPS * BLOCK_P columns of a tile: column q holds pixel q % BLOCK_P of the tile
-    (TAP_GROUPS = 1: one column per pixel). PIXEL_RUN (`launch.pixel_run`; 0 or 1: none) divides
-    H_out * W_out: the mask is then constant over runs of that many pixels, which lets Triton
-    move them in one wide access."""
-    tiles = tl.cdiv(H_out * W_out, BLOCK_P)
+def pixel_tile(tile, N, H_out, W_out, BLOCK_P: tl.constexpr, TAP_GROUPS: tl.constexpr, PIXEL_RUN: tl.constexpr):
+    """Pixel tile `tile` of the batch's N * H_out * W_out output pixels, taken sample after
+    sample, so a tile may span samples (no sample ends in a part-empty tile: small images fill
+    whole tiles, and the grid has no ragged tile per sample) -> for the TAP_GROUPS * BLOCK_P
+    columns of the tile (column q holds pixel q % BLOCK_P; TAP_GROUPS = 1: one column per pixel):
+    n (int64, the pixel's sample), pix (its index in the sample's H_out * W_out grid), oh, ow and
+    the mask of the pixels inside the batch. PIXEL_RUN (`launch.pixel_run`; 0 or 1: none)
+    divides H_out * W_out: n and the mask are then constant, and pix contiguous, over runs of that
+    many pixels, which Triton is told, so that it moves a run in one wide access."""
     pixels = H_out * W_out
+    first = tl.cast(tile, tl.int64) * BLOCK_P  # (past 2**31 in a large batch)
+    first_n = first // pixels
+    first_pix = (first - first_n * pixels).to(tl.int32)
     if PIXEL_RUN > 1:
-        pixels = tl.multiple_of(pixels, PIXEL_RUN)
-    n, tile = pid_p // tiles, pid_p % tiles
+        first_pix = tl.multiple_of(first_pix, PIXEL_RUN)
     if TAP_GROUPS == 1:
-        pix = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+        lane = tl.arange(0, BLOCK_P)
     else:
-        pix = tile * BLOCK_P + tl.arange(0, TAP_GROUPS * BLOCK_P) % BLOCK_P
-    return n.to(tl.int64), pix, pix // W_out, pix % W_out, pix < pixels
+        lane = tl.arange(0, TAP_GROUPS * BLOCK_P) % BLOCK_P
+    # Samples past the tile's first: a small int32 division (first_pix + lane < pixels + BLOCK_P).
+    later = (first_pix + lane) // pixels
+    if PIXEL_RUN > 1:
+        later = tl.max_constancy(later, PIXEL_RUN)
+    pix = first_pix + lane - later * pixels
+    if PIXEL_RUN > 1:
+        pix = tl.max_contiguous(tl.multiple_of(pix, PIXEL_RUN), PIXEL_RUN)
+    n = first_n + later
+    return n, pix, pix // W_out, pix % W_out, n < N
 
 
 @triton.jit

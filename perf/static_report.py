@@ -102,7 +102,7 @@ def kernel_launch(kernel: str, problem: dict, dtype: torch.dtype, config: config
         return forward.forward_launch(x, atom_coeff, bases, weight, bias, y, geo, forward.forward_tile_launch(config, geo))
     fitted = configs.fit_tile_config(config, geo)
     if kernel in ("atom_conv2d_bwd_coeff", "atom_conv2d_bwd_coeff_bases"):
-        programs = geo.batch * triton.cdiv(geo.out_size[0] * geo.out_size[1], fitted.BLOCK_P)
+        programs = launch.pixel_tiles(geo.batch, geo.out_size[0] * geo.out_size[1], fitted.BLOCK_P)
         dbases = torch.empty(programs, geo.num_bases, geo.kernel_size[0] * geo.kernel_size[1], device="meta")
         return backward.coeff_grad_launch(x, atom_coeff, bases, weight, y, atom_coeff, 
                                           dbases if kernel.endswith("bases") else None, geo, fitted)

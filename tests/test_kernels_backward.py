@@ -220,7 +220,7 @@ def test_weight_grad_splits_fill_the_target_within_the_pixel_tiles():
     launch = configs.fit_tile_config(configs.TileConfig(num_warps=1, block_c=8, block_o=16), geo)
     assert (launch.BLOCK_O, launch.BLOCK_C, launch.BLOCK_P) == (16, 8, 32)  # one α tile per group: 2 in all
     assert configs.weight_grad_splits(geo, launch, target_programs=3) == 2
-    assert configs.weight_grad_splits(geo, launch, target_programs=10**6) == 8  # one per pixel tile: 2 x 4 per sample
+    assert configs.weight_grad_splits(geo, launch, target_programs=10**6) == 7  # one per pixel tile: 200 pixels / 32
     assert configs.weight_grad_splits(geo, launch, target_programs=1) == 1
 
 

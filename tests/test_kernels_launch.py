@@ -28,29 +28,39 @@ interpreter_only = pytest.mark.skipif(not launch.INTERPRETING, reason="drives th
 
 
 @triton.jit
-def _index_helpers_kernel(index_ptr, stride, pid_ptr, H_out, W_out, offset_ptr, n_ptr, oh_ptr, ow_ptr,
-                          BLOCK: tl.constexpr):
+def _index_helpers_kernel(index_ptr, stride, pid_ptr, N, H_out, W_out, offset_ptr, n_ptr, pix_ptr, oh_ptr, ow_ptr,
+                          mask_ptr, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
     tl.store(offset_ptr + i, tiles.offset(tl.load(index_ptr + i), stride, True))
-    n, _, oh, ow, _ = tiles.pixel_tile(tl.load(pid_ptr), H_out, W_out, BLOCK, 1, 1)
-    tl.store(n_ptr + i, n + i * 0)
+    n, pix, oh, ow, inside = tiles.pixel_tile(tl.load(pid_ptr), N, H_out, W_out, BLOCK, 1, 1)
+    tl.store(n_ptr + i, n)
+    tl.store(pix_ptr + i, pix)
     tl.store(oh_ptr + i, oh)
     tl.store(ow_ptr + i, ow)
+    tl.store(mask_ptr + i, inside.to(tl.int32))
 
 
 @interpreter_only
-def test_index_helpers_are_exact_past_2_31():
-    """`offset` (WIDE) is exact where int32 would wrap; `pixel_tile` splits a program id into its
-    sample (int64) and the rows and columns of its pixels."""
+@pytest.mark.parametrize("pid", [3, 2**28 + 3], ids=["spanning-samples", "past-2**31-pixels"])
+def test_index_helpers_are_exact_past_2_31(pid):
+    """`offset` (WIDE) is exact where int32 would wrap; `pixel_tile` finds each pixel of a tile of
+    the flattened batch (which may span samples, and start past pixel 2**31) its sample (int64),
+    its index, row and column in the sample, and whether it is inside the batch."""
     index = torch.tensor([0, 1, 3, 5, 7, 1000, 2047, 65535], dtype=torch.int32)
-    stride, (h_out, w_out), pid = 2**30 + 3, (5, 3), 4
-    out = [torch.empty(8, dtype=torch.int64)] + [torch.empty(8, dtype=torch.int32) for _ in range(3)]
-    _index_helpers_kernel[(1,)](index, stride, torch.tensor([pid], dtype=torch.int32), h_out, w_out, *out, BLOCK=8)
+    stride, (h_out, w_out) = 2**30 + 3, (5, 3)
+    batch = 2 if pid == 3 else 2**28  # the first: pixels 24..31 of 2 samples of 15, the last 2 past the batch
+    out = [torch.empty(8, dtype=torch.int64) for _ in range(2)] + [torch.empty(8, dtype=torch.int32) for _ in range(4)]
+    _index_helpers_kernel[(1,)](index, stride, torch.tensor([pid], dtype=torch.int32), batch, h_out, w_out, *out,
+                                BLOCK=8)
     assert out[0].tolist() == [i * stride for i in index.tolist()]
-    tiles_per_sample = -(-h_out * w_out // 8)  # 2: sample 2, second tile
-    pixels = [(pid % tiles_per_sample) * 8 + i for i in range(8)]
-    assert out[1].tolist() == [pid // tiles_per_sample] * 8
-    assert out[2].tolist() == [p // w_out for p in pixels] and out[3].tolist() == [p % w_out for p in pixels]
+    flat = [pid * 8 + i for i in range(8)]
+    pixels = [p % (h_out * w_out) for p in flat]
+    assert out[1].tolist() == [p // (h_out * w_out) for p in flat]
+    assert out[2].tolist() == pixels
+    assert out[3].tolist() == [p // w_out for p in pixels] and out[4].tolist() == [p % w_out for p in pixels]
+    assert out[5].tolist() == [int(p < batch * h_out * w_out) for p in flat]
+    if pid == 3:
+        assert out[1].tolist() == [1] * 6 + [2] * 2 and out[5].tolist() == [1] * 6 + [0] * 2
 
 
 LARGE_OFFSETS = textwrap.dedent("""

@@ -60,13 +60,13 @@ import autotune_cache
 from atomconv.validation import AtomConvGeometry, output_layout, validate_atom_conv2d
 
 from . import launch as launching
-from .configs import (TileConfig, TileLaunch, arch_of, fit_tile_config, pow2_at_least, tile_candidates,
+from .configs import (TileConfig, TileLaunch, arch_of, fit_tile_config, pow2_at_least, row_passes, tile_candidates,
                       default_config, tuned_config, weight_grad_splits)
 from .forward import forward_footprint, pack_weight
 from .launch import INTERPRETING, Launch, check_runnable, dot_precision, pixel_run, needs_wide_offsets, strides
 from .tiles import (add_at, atom_l1_bound, atom_times_features, basis_at_tap, basis_coefficients, coefficient_sum,
                     column_blocks, column_tap, columns_tile, dot_operand, joined_columns, offset, pixel_atoms,
-                    pixel_offset, pixel_sum, pixel_tile, pow2_scale, scaled_atoms, scaled_to_unit_l1, tap_geometry,
+                    pixel_offset, pixel_sum, pixel_tile, pow2_scale, scaled_atoms, tap_geometry,
                     tile_rows, to_columns)
 
 
@@ -294,8 +294,8 @@ def atom_conv2d_bwd_input_kernel(
     stride_dx_n, stride_dx_c, stride_dx_h, stride_dx_w,
     M: tl.constexpr, L: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_P: tl.constexpr, TAP_GROUPS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
-    ATOMS_PER_DOT: tl.constexpr, EVEN_C: tl.constexpr, FLAT_DX: tl.constexpr, UNIT_STRIDE: tl.constexpr,
-    WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    ATOMS_PER_DOT: tl.constexpr, ROW_PASSES: tl.constexpr, EVEN_C: tl.constexpr, FLAT_DX: tl.constexpr,
+    UNIT_STRIDE: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """dy [N, C_out, H_out, W_out], β (coeff) [N, M*L, H_out, W_out], Ψ (bases) [L, KH, KW],
     α (w) transposed per group and packed (`pack_transposed_weight`) -> dx [N, C_in, H, W]; any
@@ -304,12 +304,9 @@ def atom_conv2d_bwd_input_kernel(
     The forward's tiling of the transposed problem: BLOCK_P input pixels (times TAP_GROUPS
     columns), BLOCK_O input channels (the dot's rows), output channels reduced in chunks of
     BLOCK_C. 1-D grid of cdiv(N*H*W, BLOCK_P) * G * cdiv(C_in_g, BLOCK_O) programs.
-    UNIT_STRIDE: SH == SW == 1, so the output pixel that reads q through a tap is q shifted by a
-    constant: with one tap group, a tap's dy and β offsets are then one vector plus a scalar.
+    ROW_PASSES (`configs.row_passes`, as in the forward): one pass per row of taps, in a loop at
+    run time, each pass a 1 x KW kernel of its own adding its share of dx.
     """
-    TAPS: tl.constexpr = KH * KW
-    PER_GROUP: tl.constexpr = (TAPS + TAP_GROUPS - 1) // TAP_GROUPS
-    COLUMNS: tl.constexpr = TAP_GROUPS * BLOCK_P
     num_c_tiles = tl.cdiv(C_in_g, BLOCK_O)
     pid = tl.program_id(0)
     pid_p, pid_gc = pid // (G * num_c_tiles), pid % (G * num_c_tiles)
@@ -318,6 +315,57 @@ def atom_conv2d_bwd_input_kernel(
     dy_ptr += n * stride_dy_n + offset(group * C_out_g, stride_dy_c, WIDE)  # (per column, at its sample)
     coeff_ptr += n * stride_coeff_n
 
+    c = pid_c * BLOCK_O + tl.arange(0, BLOCK_O)
+    c_mask = c < C_in_g
+    M_DOT: tl.constexpr = (M + ATOMS_PER_DOT - 1) // ATOMS_PER_DOT * ATOMS_PER_DOT
+    w_rows = (group * C_in_g + c) * (tl.cdiv(C_out_g, BLOCK_C) * M_DOT * BLOCK_C)
+    acc = tl.zeros([BLOCK_O, BLOCK_P], dtype=tl.float32)
+    # float16: the atoms of every pass scaled by one power of two per pixel (the module doc of
+    # `tiles`), the smallest any pass has needed so far (a pass that needs a smaller one first
+    # rescales what the earlier ones added); `pow2_scale` of a zero bound to start.
+    scale, inverse_scale = pow2_scale(tl.zeros([BLOCK_P], tl.float32))
+    if ROW_PASSES:
+        for i in range(KH):
+            acc, scale, inverse_scale = input_grad_taps(
+                acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr + i * stride_bases_h, w_ptr, w_rows, c_mask,
+                ih, iw, q_mask, H_out, W_out, C_out_g, SH, SW, PH - i * DH, PW, DH, DW, stride_dy_c, stride_dy_h,
+                stride_dy_w, stride_coeff_c, stride_coeff_h, stride_coeff_w, stride_bases_l, stride_bases_h,
+                stride_bases_w, M, L, 1, KW, 1, BLOCK_P, BLOCK_C, M_DOT, ATOMS_PER_DOT, EVEN_C, UNIT_STRIDE,
+                True, dx_ptr.dtype.element_ty == tl.float16, WIDE, DOT_PRECISION, INTERPRETED)
+    else:
+        acc, scale, inverse_scale = input_grad_taps(
+            acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr, w_ptr, w_rows, c_mask, ih, iw, q_mask, H_out,
+            W_out, C_out_g, SH, SW, PH, PW, DH, DW, stride_dy_c, stride_dy_h, stride_dy_w, stride_coeff_c,
+            stride_coeff_h, stride_coeff_w, stride_bases_l, stride_bases_h, stride_bases_w, M, L, KH, KW, TAP_GROUPS,
+            BLOCK_P, BLOCK_C, M_DOT, ATOMS_PER_DOT, EVEN_C, UNIT_STRIDE, False, dx_ptr.dtype.element_ty == tl.float16,
+            WIDE, DOT_PRECISION, INTERPRETED)
+
+    if dx_ptr.dtype.element_ty == tl.float16:
+        acc *= inverse_scale[None, :]
+    n, q, ih, iw, q_mask = pixel_tile(pid_p, N, H, W, BLOCK_P, 1, FLAT_DX)  # per pixel
+    dx_ptrs = dx_ptr + offset(group * C_in_g + c, stride_dx_c, WIDE)[:, None] \
+        + (n * stride_dx_n + pixel_offset(q, ih, iw, stride_dx_h, stride_dx_w, FLAT_DX, WIDE))[None, :]
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=c_mask[:, None] & q_mask[None, :])
+
+
+@triton.jit
+def input_grad_taps(acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr, w_ptr, w_rows, c_mask, ih, iw, q_mask,
+                    H_out, W_out, C_out_g, SH, SW, PH, PW, DH, DW, stride_dy_c, stride_dy_h, stride_dy_w,
+                    stride_coeff_c, stride_coeff_h, stride_coeff_w, stride_bases_l, stride_bases_h, stride_bases_w,
+                    M: tl.constexpr, L: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TAP_GROUPS: tl.constexpr,
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, M_DOT: tl.constexpr, ATOMS_PER_DOT: tl.constexpr,
+                    EVEN_C: tl.constexpr, UNIT_STRIDE: tl.constexpr, RESCALE: tl.constexpr, SCALED: tl.constexpr,
+                    WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """The dx kernel's stages 1-3 for the KH x KW taps of Ψ (bases_ptr) and padding PH, every
+    output-channel chunk: (acc, scale, inverse_scale) with acc [BLOCK_O, BLOCK_P] += Σ_o,m α U.
+    dy_ptr and coeff_ptr [COLUMNS] are at each column's sample (dy at the group's first channel).
+    SCALED (float16): the atoms are scaled by the smaller of scale and their own `pow2_scale`,
+    which becomes the new scale; RESCALE: acc (from earlier passes) is brought to it first.
+    UNIT_STRIDE: SH == SW == 1, so the output pixel that reads q through a tap is q shifted by a
+    constant: with one tap group, a tap's dy and β offsets are then one vector plus a scalar."""
+    TAPS: tl.constexpr = KH * KW
+    PER_GROUP: tl.constexpr = (TAPS + TAP_GROUPS - 1) // TAP_GROUPS
+    COLUMNS: tl.constexpr = TAP_GROUPS * BLOCK_P
     # The atoms that reach each input pixel: tap t's atoms at the output pixel p_t(q) that reads
     # it, zero where no output pixel does (then dy reads 0 there too), and where dy is read.
     SHIFTED: tl.constexpr = UNIT_STRIDE and TAP_GROUPS == 1
@@ -354,32 +402,23 @@ def atom_conv2d_bwd_input_kernel(
     for k in tl.static_range(PER_GROUP * M):
         zeroed = zeroed + (tl.where(tap_masks[k // M], atoms[k], 0.0),)
     atoms = zeroed
-    if dx_ptr.dtype.element_ty == tl.float16:
-        atoms, inverse_scale = scaled_to_unit_l1(atoms, M, PER_GROUP, TAP_GROUPS, BLOCK_P)
+    if SCALED:
+        own_scale, own_inverse = pow2_scale(atom_l1_bound(atoms, M, PER_GROUP, TAP_GROUPS, BLOCK_P))
+        if RESCALE:  # (exact: powers of two, the ratio at most 1)
+            acc *= (tl.minimum(scale, own_scale) * inverse_scale)[None, :]
+        scale, inverse_scale = tl.minimum(scale, own_scale), tl.maximum(inverse_scale, own_inverse)
+        atoms = scaled_atoms(atoms, to_columns(scale, TAP_GROUPS, BLOCK_P), PER_GROUP * M)
 
-    c = pid_c * BLOCK_O + tl.arange(0, BLOCK_O)
-    c_mask = c < C_in_g
-    num_chunks = tl.cdiv(C_out_g, BLOCK_C)
-    M_DOT: tl.constexpr = (M + ATOMS_PER_DOT - 1) // ATOMS_PER_DOT * ATOMS_PER_DOT
-    w_rows = (group * C_in_g + c) * (num_chunks * M_DOT * BLOCK_C)
     out_chan = tl.arange(0, BLOCK_C)
-    acc = tl.zeros([BLOCK_O, BLOCK_P], dtype=tl.float32)
-    for chunk in range(num_chunks):
-        o = chunk * BLOCK_C + out_chan
-        o_mask = o < C_out_g
+    for chunk in range(tl.cdiv(C_out_g, BLOCK_C)):
+        o_mask = chunk * BLOCK_C + out_chan < C_out_g
         # U[m] [BLOCK_C, COLUMNS]: stage 2 with dy for x, at the output pixels that read each input pixel.
         u = atom_times_features(dy_ptr + offset(chunk * BLOCK_C, stride_dy_c, WIDE) + dy_pix, stride_dy_c,
                                 C_out_g - chunk * BLOCK_C, (dy_taps, (0,) * PER_GROUP, tap_masks), atoms, M,
                                 PER_GROUP, EVEN_C, BLOCK_C, COLUMNS, WIDE)
         acc = coefficient_sum(acc, u, w_ptr + chunk * (M_DOT * BLOCK_C), w_rows, c_mask, o_mask, M, EVEN_C,
                               ATOMS_PER_DOT, TAP_GROUPS, BLOCK_C, BLOCK_P, DOT_PRECISION, INTERPRETED)
-
-    if dx_ptr.dtype.element_ty == tl.float16:
-        acc *= inverse_scale[None, :]
-    n, q, ih, iw, q_mask = pixel_tile(pid_p, N, H, W, BLOCK_P, 1, FLAT_DX)  # per pixel
-    dx_ptrs = dx_ptr + offset(group * C_in_g + c, stride_dx_c, WIDE)[:, None] \
-        + (n * stride_dx_n + pixel_offset(q, ih, iw, stride_dx_h, stride_dx_w, FLAT_DX, WIDE))[None, :]
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=c_mask[:, None] & q_mask[None, :])
+    return acc, scale, inverse_scale
 
 
 def _geometry_args(geo: AtomConvGeometry) -> dict[str, int]:
@@ -467,8 +506,7 @@ def weight_grad_launch(x, atom_coeff, bases, grad_y, dweight_partials, geo: Atom
 
 
 def input_grad_launch(atom_coeff, bases, weight, grad_y, dx, geo: AtomConvGeometry, launch: TileLaunch) -> Launch:
-    """The dx kernel's launch; launch is fitted to the transposed problem (`fit_tile_config(...,
-    transposed=True)`)."""
+    """The dx kernel's launch; launch as `input_grad_tile_launch` fits it."""
     c_in_g, c_out_g = geo.in_channels // geo.groups, geo.out_channels // geo.groups
     pixels = geo.in_size[0] * geo.in_size[1]
     programs = launching.pixel_tiles(geo.batch, pixels, launch.BLOCK_P) * geo.groups * triton.cdiv(c_in_g, launch.BLOCK_O)
@@ -479,12 +517,20 @@ def input_grad_launch(atom_coeff, bases, weight, grad_y, dx, geo: AtomConvGeomet
         **strides("stride_dy", "nchw", grad_y), **strides("stride_coeff", "nchw", atom_coeff),
         **strides("stride_bases", "lhw", bases), **strides("stride_dx", "nchw", dx), **_shape_args(geo),
         BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
-        ATOMS_PER_DOT=launch.ATOMS_PER_DOT, EVEN_C=c_out_g % launch.BLOCK_C == 0, FLAT_DX=pixel_run(dx),
+        ATOMS_PER_DOT=launch.ATOMS_PER_DOT, ROW_PASSES=row_passes(geo), EVEN_C=c_out_g % launch.BLOCK_C == 0,
+        FLAT_DX=pixel_run(dx),
         UNIT_STRIDE=geo.stride == (1, 1), WIDE=needs_wide_offsets(grad_y, atom_coeff, dx),
         DOT_PRECISION=dot_precision(dx.dtype), INTERPRETED=INTERPRETING,
     )
     return Launch("atom_conv2d_bwd_input", atom_conv2d_bwd_input_kernel, args, (programs,), launch.num_warps,
-                  launch.num_stages, loop_trips=(triton.cdiv(c_out_g, launch.BLOCK_C),))
+                  launch.num_stages, loop_trips=((geo.kernel_size[0],) if row_passes(geo) else ())
+                  + (triton.cdiv(c_out_g, launch.BLOCK_C),))
+
+
+def input_grad_tile_launch(config: TileConfig, geo: AtomConvGeometry) -> TileLaunch:
+    """The dx kernel's fit of a config: to the transposed problem, without tap groups where it
+    runs by rows of taps (as the forward)."""
+    return fit_tile_config(config, geo, transposed=True, by_rows=row_passes(geo))
 
 
 def pack_transposed_weight(weight: torch.Tensor, groups: int, launch: TileLaunch) -> torch.Tensor:
@@ -539,7 +585,7 @@ def input_grad_footprint(launch: TileLaunch, geo: AtomConvGeometry, dtype: torch
     (input and output channels swapped, input pixels), whose tiling it uses."""
     transposed = dataclasses.replace(geo, in_channels=geo.out_channels, out_channels=geo.in_channels,
                                      out_size=geo.in_size)
-    return forward_footprint(launch, transposed, dtype, arch)
+    return forward_footprint(launch, transposed, dtype, arch, by_rows=row_passes(geo))
 
 
 def launch_coeff_grad(grad_y, x, atom_coeff, bases, weight, geo: AtomConvGeometry, *, bases_grad: bool,
@@ -593,11 +639,11 @@ def launch_input_grad(grad_y, x, atom_coeff, bases, weight, geo: AtomConvGeometr
     config = config or tuned_config(
         "atom_conv2d_bwd_input", x, geo, tile_candidates(), default_config(x.dtype, arch),
         run=lambda c: launch_input_grad(grad_y, x, atom_coeff, bases, weight, geo, config=c),
-        footprint=lambda c: input_grad_footprint(fit_tile_config(c, geo, transposed=True), geo, x.dtype, arch))
+        footprint=lambda c: input_grad_footprint(input_grad_tile_launch(c, geo), geo, x.dtype, arch))
     if dx.numel():
         with launching.on_device_of(x):
             input_grad_launch(atom_coeff, bases, weight, grad_y, dx, geo,
-                              fit_tile_config(config, geo, transposed=True)).run()
+                              input_grad_tile_launch(config, geo)).run()
     return dx
 
 

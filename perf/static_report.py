@@ -97,7 +97,7 @@ def kernel_launch(kernel: str, problem: dict, dtype: torch.dtype, config: config
     x, atom_coeff, bases, weight, bias, y, geo = problem_tensors(problem, dtype)
     if kernel == "atom_conv2d_bwd_input":
         return backward.input_grad_launch(atom_coeff, bases, weight, y, x, geo,
-                                          configs.fit_tile_config(config, geo, transposed=True))
+                                          backward.input_grad_tile_launch(config, geo))
     if kernel == "atom_conv2d_fwd":
         return forward.forward_launch(x, atom_coeff, bases, weight, bias, y, geo, forward.forward_tile_launch(config, geo))
     fitted = configs.fit_tile_config(config, geo)

@@ -225,17 +225,21 @@ def test_weight_grad_splits_fill_the_target_within_the_pixel_tiles():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("problem", [(5, 1, 2, 1, 1), (7, 1, 3, 1, 1), ((3, 7), 2, (1, 3), (2, 1), 2)],
+@pytest.mark.parametrize("problem", [(5, 1, 2, 1, 1), (7, 1, 3, 1, 1), ((3, 7), 2, (1, 3), (2, 1), 2),
+                                     ((3, 11), 1, (1, 5), 1, 1)],
                          ids=lambda p: "k{}-s{}-p{}-d{}-g{}".format(*p))
 def test_taps_split_over_tap_groups(problem, dtype):
-    """Large kernels: each pixel's taps split over several threads (tap groups) in every kernel,
-    dΨ's partials included; the default config must really split here (for dx too)."""
+    """Large kernels: each pixel's taps split over several threads (tap groups) in dβ and dα,
+    dΨ's partials included; the default config must really split here. The forward and dx run
+    the first three by rows of taps instead (`configs.row_passes`), and split the taps of the
+    last (M * KW = 66 atoms, more than a row may hold)."""
     kernel, stride, padding, dilation, groups = problem
     tensors, kwargs = make_problem(2, 4, 6, (9, 8), kernel, stride, padding, dilation, groups, num_atoms=6, num_bases=5)
     geo = validate_atom_conv2d(*tensors, **kwargs)
     default = configs.default_config(dtype, "sm_80")
     assert configs.fit_tile_config(default, geo).TAP_GROUPS > 1
-    assert configs.fit_tile_config(default, geo, transposed=True).TAP_GROUPS > 1
-    # (the forward runs these by rows of taps instead: tests/test_kernels_forward.py)
-    assert configs.row_passes(geo) and forward.forward_tile_launch(default, geo).TAP_GROUPS == 1
+    by_rows = configs.row_passes(geo)
+    assert by_rows == (problem[0] != (3, 11))
+    assert (forward.forward_tile_launch(default, geo).TAP_GROUPS == 1) == by_rows
+    assert (backward.input_grad_tile_launch(default, geo).TAP_GROUPS == 1) == by_rows
     check(tensors, kwargs, dtype)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import kernels
+from kernels import backward, configs
 from atomconv.reference import atom_conv2d_reference
 from atomconv.validation import validate_atom_conv2d
 from helpers import DEVICE, REL_TOL
@@ -53,6 +54,29 @@ def test_float16_atoms_too_large_for_float16_z_do_not_overflow():
         # dα sums 3e6-sized products over pixels: it overflows float16 as the true value does.
         torch.testing.assert_close(grad.double().cpu(), expected.to(torch.float16).double(),
                                    rtol=REL_TOL[torch.float16], atol=0, msg=lambda m: f"d{name}: {m}")
+
+
+def test_float16_rows_of_taps_share_one_scale_per_pixel():
+    """A 5x5 kernel with M = 3 runs by rows of taps in the forward and in dx. Ψ's last row is 10x
+    the others, so its atoms need a smaller float16 power of two than the earlier rows had used
+    (scale 2**-21 against 2**-18; Z of a row reaches 1.8e5 and 1.8e6): dx must rescale what the
+    earlier rows added (29 % of it) when the last comes, and neither may overflow."""
+    n, c_in, c_out, hw, m, num_bases = 1, 2, 3, (6, 7), 3, 4
+    x = torch.ones(n, c_in, *hw)
+    atom_coeff = torch.full((n, m * num_bases, *hw), 300.0)
+    bases = torch.full((num_bases, 5, 5), 30.0)
+    bases[:, -1, :] = 300.0
+    weight = torch.full((c_out, c_in, m), 1e-4)
+    inputs = [t.to(DEVICE, torch.float16) for t in (x, atom_coeff, bases, weight)]
+    kwargs, grad_y = GEOMETRY | dict(padding=2), torch.ones(n, c_out, *hw).to(DEVICE, torch.float16)
+    geo = validate_atom_conv2d(*inputs, None, **kwargs)
+    default = configs.default_config(torch.float16, "sm_80")
+    assert configs.row_passes(geo) and backward.input_grad_tile_launch(default, geo).TAP_GROUPS == 1
+    y, grads = fused(inputs, kwargs, grad_y)
+    expected_y, expected_grads = reference(inputs, kwargs, grad_y)
+    assert expected_y.abs().max() < 1.6e3 and expected_grads[0].abs().max() < 2.3e3  # (float16: < 65504)
+    torch.testing.assert_close(y.double().cpu(), expected_y, rtol=REL_TOL[torch.float16], atol=0)
+    torch.testing.assert_close(grads[0].double().cpu(), expected_grads[0], rtol=REL_TOL[torch.float16], atol=0)
 
 
 def positive_problem(dtype, inf_in):

@@ -101,9 +101,9 @@ def atom_conv2d_bwd_coeff_kernel(
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
     n, pix, oh, ow, pix_mask = pixel_tile(pid, N, H_out, W_out, BLOCK_P, TAP_GROUPS, FLAT_DY)  # per column
-    x_ptr += n * stride_x_n  # (per column, at its sample)
-    dy_pix = n * stride_dy_n + pixel_offset(pix, oh, ow, stride_dy_h, stride_dy_w, FLAT_DY, WIDE)
-    x_pix = offset(oh * SH - PH, stride_x_h, WIDE) + offset(ow * SW - PW, stride_x_w, WIDE)  # window corner
+    dy_pix = offset(n, stride_dy_n, WIDE) + pixel_offset(pix, oh, ow, stride_dy_h, stride_dy_w, FLAT_DY, WIDE)
+    x_pix = offset(n, stride_x_n, WIDE) + offset(oh * SH - PH, stride_x_h, WIDE) \
+        + offset(ow * SW - PW, stride_x_w, WIDE)  # window corner
     row_offsets, column_offsets, tap_masks = tap_geometry(oh, ow, pix_mask, H, W, SH, SW, PH, PW, DH, DW, stride_x_h,
                                                           stride_x_w, KH, KW, TAP_GROUPS, BLOCK_P, WIDE)
 
@@ -156,7 +156,8 @@ def atom_conv2d_bwd_coeff_kernel(
     # dβ[m*L + l] = Σ_taps dA[m, tap] · Ψ[l, tap]: over each column's taps, then a pixel's columns.
     # (Bases outermost, each Ψ value used by every atom as it is loaded, as in `pixel_atoms`.)
     out_n, _, out_h, out_w, out_mask = pixel_tile(pid, N, H_out, W_out, BLOCK_P, 1, 1)  # per pixel
-    dcoeff_pix = out_n * stride_dcoeff_n + offset(out_h, stride_dcoeff_h, WIDE) + offset(out_w, stride_dcoeff_w, WIDE)
+    dcoeff_pix = offset(out_n, stride_dcoeff_n, WIDE) + offset(out_h, stride_dcoeff_h, WIDE) \
+        + offset(out_w, stride_dcoeff_w, WIDE)
     for l in tl.static_range(L):
         d_beta = (tl.zeros([COLUMNS], tl.float32),) * M
         for k in tl.static_range(PER_GROUP):
@@ -169,8 +170,7 @@ def atom_conv2d_bwd_coeff_kernel(
                      pixel_sum(d_beta[m], TAP_GROUPS, BLOCK_P).to(dcoeff_ptr.dtype.element_ty), mask=out_mask)
     if BASES_GRAD:
         # dΨ[l, tap] partial = Σ over the tile's pixels and the atoms of β[m*L + l] · dA[m, tap].
-        coeff_ptr += n * stride_coeff_n
-        coeff_pix = offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE)
+        coeff_pix = offset(n, stride_coeff_n, WIDE) + offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE)
         partials = dbases_ptr + pid.to(tl.int64) * (L * TAPS)
         for l in tl.static_range(L):
             # Pixels past the end have zero dA, but an Inf in β there must not meet it: β is 0 there.
@@ -229,8 +229,8 @@ def atom_conv2d_bwd_weight_kernel(
     pixel_tiles = tl.cdiv(tl.cast(N, tl.int64) * (H_out * W_out), BLOCK_P).to(tl.int32)  # (N*H_out*W_out may pass 2**31)
     for pixel_tile_id in range(split, pixel_tiles, SPLITS):
         n, pix, oh, ow, pix_mask = pixel_tile(pixel_tile_id, N, H_out, W_out, BLOCK_P, TAP_GROUPS, FLAT_DY)  # per column
-        atoms = pixel_atoms(coeff_ptr + n * stride_coeff_n, offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE),
-                            pix_mask, stride_coeff_c, bases_ptr, stride_bases_l, stride_bases_h, stride_bases_w,
+        atoms = pixel_atoms(coeff_ptr, offset(n, stride_coeff_n, WIDE) + offset(oh, stride_coeff_h, WIDE)
+                            + offset(ow, stride_coeff_w, WIDE), pix_mask, stride_coeff_c, bases_ptr, stride_bases_l, stride_bases_h, stride_bases_w,
                             M, L, KH, KW, TAP_GROUPS, BLOCK_P, WIDE)
         if dtype == tl.float16:
             # The dot sums over pixels: one power of two for the tile, from its largest atom norm.
@@ -238,13 +238,15 @@ def atom_conv2d_bwd_weight_kernel(
             atoms = scaled_atoms(atoms, tile_scale, PER_GROUP * M)
         taps = tap_geometry(oh, ow, pix_mask, H, W, SH, SW, PH, PW, DH, DW, stride_x_h, stride_x_w, KH, KW,
                             TAP_GROUPS, BLOCK_P, WIDE)
-        x_pix = offset(oh * SH - PH, stride_x_h, WIDE) + offset(ow * SW - PW, stride_x_w, WIDE)  # window corner
-        z = atom_times_features(x_ptr + n * stride_x_n + offset(group * C_in_g + chunk * BLOCK_C, stride_x_c, WIDE)
+        x_pix = offset(n, stride_x_n, WIDE) + offset(oh * SH - PH, stride_x_h, WIDE) \
+            + offset(ow * SW - PW, stride_x_w, WIDE)  # window corner
+        z = atom_times_features(x_ptr + offset(group * C_in_g + chunk * BLOCK_C, stride_x_c, WIDE)
                                 + x_pix, stride_x_c, C_in_g - chunk * BLOCK_C, taps, atoms, M, PER_GROUP, EVEN_C,
                                 BLOCK_C, COLUMNS, WIDE)
         # dy of each column's pixel: the dot then sums the tap groups' partial Z along with the pixels.
         dy = tl.load(dy_ptr + offset(group * C_out_g + o, stride_dy_c, WIDE)[:, None]
-                     + (n * stride_dy_n + pixel_offset(pix, oh, ow, stride_dy_h, stride_dy_w, FLAT_DY, WIDE))[None, :],
+                     + (offset(n, stride_dy_n, WIDE) + pixel_offset(pix, oh, ow, stride_dy_h, stride_dy_w, FLAT_DY,
+                                                                     WIDE))[None, :],
                      mask=o_mask[:, None] & pix_mask[None, :], other=0.0)
         dy = dot_operand(dy, dtype, INTERPRETED)
         for b in tl.static_range(len(dw)):
@@ -312,8 +314,8 @@ def atom_conv2d_bwd_input_kernel(
     pid_p, pid_gc = pid // (G * num_c_tiles), pid % (G * num_c_tiles)
     group, pid_c = pid_gc // num_c_tiles, pid_gc % num_c_tiles
     n, _, ih, iw, q_mask = pixel_tile(pid_p, N, H, W, BLOCK_P, TAP_GROUPS, 1)  # per column
-    dy_ptr += n * stride_dy_n + offset(group * C_out_g, stride_dy_c, WIDE)  # (per column, at its sample)
-    coeff_ptr += n * stride_coeff_n
+    dy_ptr += offset(group * C_out_g, stride_dy_c, WIDE)
+    dy_sample, coeff_sample = offset(n, stride_dy_n, WIDE), offset(n, stride_coeff_n, WIDE)  # per column
 
     c = pid_c * BLOCK_O + tl.arange(0, BLOCK_O)
     c_mask = c < C_in_g
@@ -327,14 +329,15 @@ def atom_conv2d_bwd_input_kernel(
     if ROW_PASSES:
         for i in range(KH):
             acc, scale, inverse_scale = input_grad_taps(
-                acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr + i * stride_bases_h, w_ptr, w_rows, c_mask,
-                ih, iw, q_mask, H_out, W_out, C_out_g, SH, SW, PH - i * DH, PW, DH, DW, stride_dy_c, stride_dy_h,
+                acc, scale, inverse_scale, dy_ptr, dy_sample, coeff_ptr, coeff_sample, bases_ptr + i * stride_bases_h,
+                w_ptr, w_rows, c_mask, ih, iw, q_mask, H_out, W_out, C_out_g, SH, SW, PH - i * DH, PW, DH, DW, stride_dy_c, stride_dy_h,
                 stride_dy_w, stride_coeff_c, stride_coeff_h, stride_coeff_w, stride_bases_l, stride_bases_h,
                 stride_bases_w, M, L, 1, KW, 1, BLOCK_P, BLOCK_C, M_DOT, ATOMS_PER_DOT, EVEN_C, UNIT_STRIDE,
                 True, dx_ptr.dtype.element_ty == tl.float16, WIDE, DOT_PRECISION, INTERPRETED)
     else:
         acc, scale, inverse_scale = input_grad_taps(
-            acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr, w_ptr, w_rows, c_mask, ih, iw, q_mask, H_out,
+            acc, scale, inverse_scale, dy_ptr, dy_sample, coeff_ptr, coeff_sample, bases_ptr, w_ptr, w_rows, c_mask,
+            ih, iw, q_mask, H_out,
             W_out, C_out_g, SH, SW, PH, PW, DH, DW, stride_dy_c, stride_dy_h, stride_dy_w, stride_coeff_c,
             stride_coeff_h, stride_coeff_w, stride_bases_l, stride_bases_h, stride_bases_w, M, L, KH, KW, TAP_GROUPS,
             BLOCK_P, BLOCK_C, M_DOT, ATOMS_PER_DOT, EVEN_C, UNIT_STRIDE, False, dx_ptr.dtype.element_ty == tl.float16,
@@ -344,12 +347,13 @@ def atom_conv2d_bwd_input_kernel(
         acc *= inverse_scale[None, :]
     n, q, ih, iw, q_mask = pixel_tile(pid_p, N, H, W, BLOCK_P, 1, FLAT_DX)  # per pixel
     dx_ptrs = dx_ptr + offset(group * C_in_g + c, stride_dx_c, WIDE)[:, None] \
-        + (n * stride_dx_n + pixel_offset(q, ih, iw, stride_dx_h, stride_dx_w, FLAT_DX, WIDE))[None, :]
+        + (offset(n, stride_dx_n, WIDE) + pixel_offset(q, ih, iw, stride_dx_h, stride_dx_w, FLAT_DX, WIDE))[None, :]
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=c_mask[:, None] & q_mask[None, :])
 
 
 @triton.jit
-def input_grad_taps(acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr, w_ptr, w_rows, c_mask, ih, iw, q_mask,
+def input_grad_taps(acc, scale, inverse_scale, dy_ptr, dy_sample, coeff_ptr, coeff_sample, bases_ptr, w_ptr, w_rows,
+                    c_mask, ih, iw, q_mask,
                     H_out, W_out, C_out_g, SH, SW, PH, PW, DH, DW, stride_dy_c, stride_dy_h, stride_dy_w,
                     stride_coeff_c, stride_coeff_h, stride_coeff_w, stride_bases_l, stride_bases_h, stride_bases_w,
                     M: tl.constexpr, L: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TAP_GROUPS: tl.constexpr,
@@ -358,7 +362,8 @@ def input_grad_taps(acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr, w_p
                     WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     """The dx kernel's stages 1-3 for the KH x KW taps of Ψ (bases_ptr) and padding PH, every
     output-channel chunk: (acc, scale, inverse_scale) with acc [BLOCK_O, BLOCK_P] += Σ_o,m α U.
-    dy_ptr and coeff_ptr [COLUMNS] are at each column's sample (dy at the group's first channel).
+    dy_ptr (at the group's first channel) and coeff_ptr are the samples' start, dy_sample and
+    coeff_sample [COLUMNS] the offsets of each column's sample in them.
     SCALED (float16): the atoms are scaled by the smaller of scale and their own `pow2_scale`,
     which becomes the new scale; RESCALE: acc (from earlier passes) is brought to it first.
     UNIT_STRIDE: SH == SW == 1, so the output pixel that reads q through a tap is q shifted by a
@@ -370,10 +375,10 @@ def input_grad_taps(acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr, w_p
     # it, zero where no output pixel does (then dy reads 0 there too), and where dy is read.
     SHIFTED: tl.constexpr = UNIT_STRIDE and TAP_GROUPS == 1
     if SHIFTED:  # dy and β offsets of the output pixel q + (PH, PW), which each tap shifts by a scalar
-        dy_pix = offset(ih + PH, stride_dy_h, WIDE) + offset(iw + PW, stride_dy_w, WIDE)
-        coeff_q = offset(ih + PH, stride_coeff_h, WIDE) + offset(iw + PW, stride_coeff_w, WIDE)
+        dy_pix = dy_sample + offset(ih + PH, stride_dy_h, WIDE) + offset(iw + PW, stride_dy_w, WIDE)
+        coeff_q = coeff_sample + offset(ih + PH, stride_coeff_h, WIDE) + offset(iw + PW, stride_coeff_w, WIDE)
     else:
-        dy_pix = 0
+        dy_pix = dy_sample
     atoms = (tl.zeros([COLUMNS], tl.float32),) * (PER_GROUP * M)
     dy_taps = ()
     tap_masks = ()
@@ -389,7 +394,7 @@ def input_grad_taps(acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr, w_p
                 + offset(-(t % KW) * DW, stride_coeff_w, WIDE)
         else:
             dy_tap = offset(oh, stride_dy_h, WIDE) + offset(ow, stride_dy_w, WIDE)
-            coeff_pix = offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE)
+            coeff_pix = coeff_sample + offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE)
         for l in tl.static_range(L):
             psi = basis_at_tap(bases_ptr, l, t, exists, stride_bases_l, stride_bases_h, stride_bases_w, KW, TAP_GROUPS)
             betas = basis_coefficients(coeff_ptr, coeff_pix, tap_ok, l, stride_coeff_c, M, L, WIDE)

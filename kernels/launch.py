@@ -119,13 +119,13 @@ def check_int32_indexing(what: str, pixels_per_sample: int, block_p: int, progra
 
 
 def needs_wide_offsets(*tensors: torch.Tensor) -> bool:
-    """Whether offsets inside one sample (the kernels' `offset`, int32 unless WIDE) can pass
-    2**31 for any of these [N, C, H, W] tensors: its extent past the sample start, with room for
-    taps reaching up to an image beyond the edges (padding and dilation are bounded by the image
-    size the validation accepts)."""
+    """Whether the kernels' offsets into any of these [N, C, H, W] tensors (`tiles.offset`, int32
+    unless WIDE; from the tensor's start, since a tile may span samples) can pass 2**31: its
+    extent, with room for taps reaching up to an image beyond the edges (padding and dilation are
+    bounded by the image size the validation accepts)."""
     for t in tensors:
-        _, c, h, w = t.shape
-        extent = (c - 1) * abs(t.stride(1)) + 3 * (h * abs(t.stride(2)) + w * abs(t.stride(3)))
+        n, c, h, w = t.shape
+        extent = (n - 1) * t.stride(0) + (c - 1) * t.stride(1) + 3 * (h * t.stride(2) + w * t.stride(3))
         if extent > MAX_INT32:
             return True
     return False

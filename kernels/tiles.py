@@ -11,10 +11,10 @@ or M*KH*KW of them, without padding M to a power of two.
 Stages (docs/design.md §1): `pixel_atoms` (stage 1, once per tile), `atom_times_features` (stage 2 of
 one channel chunk), `coefficient_sum` (stage 3 of one chunk, tensor-core dots).
 
-Index arithmetic. Each program first moves its tensor pointers to its sample (int64: batch *
-stride overflows int32 on large tensors); offsets inside a sample are made with `offset`,
-int32 unless the launcher found a tensor whose sample extent passes 2**31 elements (WIDE, then
-int64: Triton computes products of int32 values in int32 and wraps silently).
+Index arithmetic. A tile may span samples, so each column's offsets include its pixel's sample
+(n * stride_n) and the tensor pointers stay at the tensors' start (scalars). Offsets are made
+with `offset`, int32 unless the launcher found a tensor whose extent passes 2**31 elements (WIDE,
+then int64: Triton computes products of int32 values in int32 and wraps silently).
 
 Numerics of the tensor-core dots. A 16-bit problem rounds Z (and the backward's U, the
 atom-weighted sum of dy) to the input dtype for its dot. In float16 that overflows where the
@@ -45,7 +45,7 @@ def pixel_tile(tile, N, H_out, W_out, BLOCK_P: tl.constexpr, TAP_GROUPS: tl.cons
     sample, so a tile may span samples (no sample ends in a part-empty tile: small images fill
     whole tiles, and the grid has no ragged tile per sample) -> for the TAP_GROUPS * BLOCK_P
     columns of the tile (column q holds pixel q % BLOCK_P; TAP_GROUPS = 1: one column per pixel):
-    n (int64, the pixel's sample), pix (its index in the sample's H_out * W_out grid), oh, ow and
+    n (the pixel's sample), pix (its index in the sample's H_out * W_out grid), oh, ow and
     the mask of the pixels inside the batch. PIXEL_RUN (`launch.pixel_run`; 0 or 1: none)
     divides H_out * W_out: n and the mask are then constant, and pix contiguous, over runs of that
     many pixels, which Triton is told, so that it moves a run in one wide access."""
@@ -66,7 +66,7 @@ def pixel_tile(tile, N, H_out, W_out, BLOCK_P: tl.constexpr, TAP_GROUPS: tl.cons
     pix = first_pix + lane - later * pixels
     if PIXEL_RUN > 1:
         pix = tl.max_contiguous(tl.multiple_of(pix, PIXEL_RUN), PIXEL_RUN)
-    n = first_n + later
+    n = first_n.to(tl.int32) + later
     return n, pix, pix // W_out, pix % W_out, n < N
 
 

@@ -100,6 +100,13 @@ LARGE_OFFSETS = textwrap.dedent("""
 """)
 
 
+def test_wide_offsets_count_the_whole_batch():
+    """Offsets run from a tensor's start (a pixel tile may span samples): a batch of small samples
+    whose extent passes 2**31 elements needs int64 offsets, one just under does not."""
+    assert launch.needs_wide_offsets(torch.empty(2**15 + 1, 1, 256, 256, device="meta"))
+    assert not launch.needs_wide_offsets(torch.empty(2**14, 1, 256, 256, device="meta"))
+
+
 @interpreter_only
 def test_kernels_read_views_whose_offsets_pass_2_31():
     """End to end, in a subprocess (a wrapped int32 offset reads outside the mapping: a crash)."""

@@ -1,7 +1,7 @@
 """Fused Triton forward of the ACDA operator (docs/design.md §1): y from x, β, Ψ, α in one kernel.
 
-A program owns BLOCK_P = 32 * num_warps consecutive output pixels of one sample (one thread per
-pixel) and BLOCK_O output channels of one group:
+A program owns BLOCK_P = 32 * num_warps consecutive output pixels of the batch (one thread per
+pixel; a tile may span samples) and BLOCK_O output channels of one group:
 
 1. `pixel_atoms`          the M*KH*KW atoms of each pixel, once per tile, in registers
                           (M*L*KH*KW multiply-adds per pixel);
@@ -68,7 +68,7 @@ def atom_conv2d_fwd_kernel(
     1-D grid of cdiv(N*H_out*W_out, BLOCK_P) * G * cdiv(C_out_g, BLOCK_O) programs; the
     output-channel tiles of one pixel tile are neighbours, so they find its x and β in L2.
     EVEN_C: C_in_g is a multiple of BLOCK_C. FLAT_Y: `launch.pixel_run` of y (nonzero: one run).
-    WIDE: int64 offsets inside a sample.
+    WIDE: int64 offsets (`launch.needs_wide_offsets`).
 
     ROW_PASSES (`row_passes`: kernels whose atoms would not fit a thread's registers): stages 1-3
     run once per row of taps, in a loop at run time, each pass adding its taps' share of y (y is

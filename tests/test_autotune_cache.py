@@ -262,7 +262,8 @@ def test_forward_footprint_matches_the_static_report(record):
     else:
         assert footprint.shared_bytes <= shared
     assert footprint.registers <= registers + spill / 4  # a lower bound of what the live tiles need
-    pixels = geo.out_size[0] * geo.out_size[1]  # 64 channels fill the channel tiles, the pixel tiles pad
+    # 64 channels fill the channel tiles; the pixel tiles, over the batch's pixels, pad its end
+    pixels = geo.batch * geo.out_size[0] * geo.out_size[1]
     assert footprint.threads == 32 * num_warps
     assert footprint.fill == pytest.approx(pixels / (fitted.BLOCK_P * -(-pixels // fitted.BLOCK_P)))
 

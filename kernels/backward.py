@@ -170,7 +170,8 @@ def atom_conv2d_bwd_coeff_kernel(
                      pixel_sum(d_beta[m], TAP_GROUPS, BLOCK_P).to(dcoeff_ptr.dtype.element_ty), mask=out_mask)
     if BASES_GRAD:
         # dΨ[l, tap] partial = Σ over the tile's pixels and the atoms of β[m*L + l] · dA[m, tap].
-        coeff_pix = offset(n, stride_coeff_n, WIDE) + offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE)
+        coeff_pix = offset(n, stride_coeff_n, WIDE) + offset(oh, stride_coeff_h, WIDE) \
+            + offset(ow, stride_coeff_w, WIDE)
         partials = dbases_ptr + pid.to(tl.int64) * (L * TAPS)
         for l in tl.static_range(L):
             # Pixels past the end have zero dA, but an Inf in β there must not meet it: β is 0 there.
@@ -226,12 +227,12 @@ def atom_conv2d_bwd_weight_kernel(
     o_mask = o < C_out_g
     # dα of atoms b*WIDE_ATOMS .. in dw[b] [BLOCK_O, WIDE_ATOMS * BLOCK_C]: one dot per block reads dy once.
     dw = (tl.zeros([BLOCK_O, WIDE_ATOMS * BLOCK_C], tl.float32),) * ((M + WIDE_ATOMS - 1) // WIDE_ATOMS)
-    pixel_tiles = tl.cdiv(tl.cast(N, tl.int64) * (H_out * W_out), BLOCK_P).to(tl.int32)  # (N*H_out*W_out may pass 2**31)
+    pixel_tiles = tl.cdiv(tl.cast(N, tl.int64) * (H_out * W_out), BLOCK_P).to(tl.int32)  # (N*H*W may pass 2**31)
     for pixel_tile_id in range(split, pixel_tiles, SPLITS):
         n, pix, oh, ow, pix_mask = pixel_tile(pixel_tile_id, N, H_out, W_out, BLOCK_P, TAP_GROUPS, FLAT_DY)  # per column
-        atoms = pixel_atoms(coeff_ptr, offset(n, stride_coeff_n, WIDE) + offset(oh, stride_coeff_h, WIDE)
-                            + offset(ow, stride_coeff_w, WIDE), pix_mask, stride_coeff_c, bases_ptr, stride_bases_l, stride_bases_h, stride_bases_w,
-                            M, L, KH, KW, TAP_GROUPS, BLOCK_P, WIDE)
+        coeff_pix = offset(n, stride_coeff_n, WIDE) + offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE)
+        atoms = pixel_atoms(coeff_ptr, coeff_pix, pix_mask, stride_coeff_c, bases_ptr, stride_bases_l, stride_bases_h,
+                            stride_bases_w, M, L, KH, KW, TAP_GROUPS, BLOCK_P, WIDE)
         if dtype == tl.float16:
             # The dot sums over pixels: one power of two for the tile, from its largest atom norm.
             tile_scale, inverse_scale = pow2_scale(tl.max(atom_l1_bound(atoms, M, PER_GROUP, TAP_GROUPS, BLOCK_P), axis=0))

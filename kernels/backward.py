@@ -101,6 +101,7 @@ def atom_conv2d_bwd_coeff_kernel(
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
     n, pix, oh, ow, pix_mask = pixel_tile(pid, N, H_out, W_out, BLOCK_P, TAP_GROUPS, FLAT_DY)  # per column
+    n = n.to(tl.int32)  # (its offsets are int32 unless WIDE)
     dy_pix = offset(n, stride_dy_n, WIDE) + pixel_offset(pix, oh, ow, stride_dy_h, stride_dy_w, FLAT_DY, WIDE)
     x_pix = offset(n, stride_x_n, WIDE) + offset(oh * SH - PH, stride_x_h, WIDE) \
         + offset(ow * SW - PW, stride_x_w, WIDE)  # window corner
@@ -156,6 +157,7 @@ def atom_conv2d_bwd_coeff_kernel(
     # dβ[m*L + l] = Σ_taps dA[m, tap] · Ψ[l, tap]: over each column's taps, then a pixel's columns.
     # (Bases outermost, each Ψ value used by every atom as it is loaded, as in `pixel_atoms`.)
     out_n, _, out_h, out_w, out_mask = pixel_tile(pid, N, H_out, W_out, BLOCK_P, 1, 1)  # per pixel
+    out_n = out_n.to(tl.int32)
     dcoeff_pix = offset(out_n, stride_dcoeff_n, WIDE) + offset(out_h, stride_dcoeff_h, WIDE) \
         + offset(out_w, stride_dcoeff_w, WIDE)
     for l in tl.static_range(L):
@@ -230,6 +232,7 @@ def atom_conv2d_bwd_weight_kernel(
     pixel_tiles = tl.cdiv(tl.cast(N, tl.int64) * (H_out * W_out), BLOCK_P).to(tl.int32)  # (N*H*W may pass 2**31)
     for pixel_tile_id in range(split, pixel_tiles, SPLITS):
         n, pix, oh, ow, pix_mask = pixel_tile(pixel_tile_id, N, H_out, W_out, BLOCK_P, TAP_GROUPS, FLAT_DY)  # per column
+        n = n.to(tl.int32)  # (its offsets are int32 unless WIDE)
         coeff_pix = offset(n, stride_coeff_n, WIDE) + offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE)
         atoms = pixel_atoms(coeff_ptr, coeff_pix, pix_mask, stride_coeff_c, bases_ptr, stride_bases_l, stride_bases_h,
                             stride_bases_w, M, L, KH, KW, TAP_GROUPS, BLOCK_P, WIDE)
@@ -315,6 +318,7 @@ def atom_conv2d_bwd_input_kernel(
     pid_p, pid_gc = pid // (G * num_c_tiles), pid % (G * num_c_tiles)
     group, pid_c = pid_gc // num_c_tiles, pid_gc % num_c_tiles
     n, _, ih, iw, q_mask = pixel_tile(pid_p, N, H, W, BLOCK_P, TAP_GROUPS, 1)  # per column
+    n = n.to(tl.int32)  # (its offsets are int32 unless WIDE)
     # Per column, at its sample: as pointers here, where the other kernels add the sample to their
     # offsets (with offsets, this kernel's 7x7 build spills 2.5 KB instead of 1.7 KB).
     dy_ptr += offset(group * C_out_g, stride_dy_c, WIDE) + offset(n, stride_dy_n, WIDE)
@@ -348,6 +352,7 @@ def atom_conv2d_bwd_input_kernel(
     if dx_ptr.dtype.element_ty == tl.float16:
         acc *= inverse_scale[None, :]
     n, q, ih, iw, q_mask = pixel_tile(pid_p, N, H, W, BLOCK_P, 1, FLAT_DX)  # per pixel
+    n = n.to(tl.int32)
     dx_ptrs = dx_ptr + offset(group * C_in_g + c, stride_dx_c, WIDE)[:, None] \
         + (offset(n, stride_dx_n, WIDE) + pixel_offset(q, ih, iw, stride_dx_h, stride_dx_w, FLAT_DX, WIDE))[None, :]
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=c_mask[:, None] & q_mask[None, :])

@@ -81,15 +81,17 @@ def atom_conv2d_fwd_kernel(
     pid_p, pid_go = pid // (G * num_o_tiles), pid % (G * num_o_tiles)
     group, pid_o = pid_go // num_o_tiles, pid_go % num_o_tiles
     n, _, oh, ow, pix_mask = pixel_tile(pid_p, N, H_out, W_out, BLOCK_P, TAP_GROUPS, 1)  # per column
-    x_ptr += offset(group * C_in_g, stride_x_c, WIDE)
-    coeff_pix = offset(n, stride_coeff_n, WIDE) + offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE)
+    # Per column, at its sample (as pointers: with the sample in the offsets, Triton 3.6 spills).
+    x_ptr += n * stride_x_n + offset(group * C_in_g, stride_x_c, WIDE)
+    coeff_ptr += n * stride_coeff_n
+    coeff_pix = offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE)
     # Output channels of this tile (inside the group) and their packed α rows.
     o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     o_mask = o < C_out_g
     num_chunks = tl.cdiv(C_in_g, BLOCK_C)
     M_DOT: tl.constexpr = (M + ATOMS_PER_DOT - 1) // ATOMS_PER_DOT * ATOMS_PER_DOT
     w_rows = (group * C_out_g + o) * (num_chunks * M_DOT * BLOCK_C)
-    x_col = offset(n, stride_x_n, WIDE) + offset(ow * SW - PW, stride_x_w, WIDE)  # of each pixel's window corner
+    x_col = offset(ow * SW - PW, stride_x_w, WIDE)  # of each pixel's window corner
     acc = tl.zeros([BLOCK_O, BLOCK_P], dtype=tl.float32)
     if ROW_PASSES:
         if y_ptr.dtype.element_ty == tl.float16:
@@ -127,7 +129,7 @@ def atom_conv2d_fwd_kernel(
         acc += tl.load(bias_ptr + o_glob * stride_bias, mask=o_mask, other=0.0).to(tl.float32)[:, None]
     n, pix, oh, ow, pix_mask = pixel_tile(pid_p, N, H_out, W_out, BLOCK_P, 1, FLAT_Y)  # per pixel
     y_ptrs = y_ptr + offset(o_glob, stride_y_c, WIDE)[:, None] \
-        + (offset(n, stride_y_n, WIDE) + pixel_offset(pix, oh, ow, stride_y_h, stride_y_w, FLAT_Y, WIDE))[None, :]
+        + (n * stride_y_n + pixel_offset(pix, oh, ow, stride_y_h, stride_y_w, FLAT_Y, WIDE))[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=o_mask[:, None] & pix_mask[None, :])
 
 

@@ -45,7 +45,7 @@ def pixel_tile(tile, N, H_out, W_out, BLOCK_P: tl.constexpr, TAP_GROUPS: tl.cons
     sample, so a tile may span samples (no sample ends in a part-empty tile: small images fill
     whole tiles, and the grid has no ragged tile per sample) -> for the TAP_GROUPS * BLOCK_P
     columns of the tile (column q holds pixel q % BLOCK_P; TAP_GROUPS = 1: one column per pixel):
-    n (the pixel's sample), pix (its index in the sample's H_out * W_out grid), oh, ow and
+    n (int64, the pixel's sample), pix (its index in the sample's H_out * W_out grid), oh, ow and
     the mask of the pixels inside the batch. PIXEL_RUN (`launch.pixel_run`; 0 or 1: none)
     divides H_out * W_out: n and the mask are then constant, and pix contiguous, over runs of that
     many pixels, which Triton is told, so that it moves a run in one wide access."""
@@ -66,7 +66,7 @@ def pixel_tile(tile, N, H_out, W_out, BLOCK_P: tl.constexpr, TAP_GROUPS: tl.cons
     pix = first_pix + lane - later * pixels
     if PIXEL_RUN > 1:
         pix = tl.max_contiguous(tl.multiple_of(pix, PIXEL_RUN), PIXEL_RUN)
-    n = first_n.to(tl.int32) + later
+    n = first_n + later
     return n, pix, pix // W_out, pix % W_out, n < N
 
 

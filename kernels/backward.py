@@ -319,8 +319,8 @@ def atom_conv2d_bwd_input_kernel(
     group, pid_c = pid_gc // num_c_tiles, pid_gc % num_c_tiles
     n, _, ih, iw, q_mask = pixel_tile(pid_p, N, H, W, BLOCK_P, TAP_GROUPS, 1)  # per column
     n = n.to(tl.int32)  # (its offsets are int32 unless WIDE)
-    # Per column, at its sample: as pointers here, where the other kernels add the sample to their
-    # offsets (with offsets, this kernel's 7x7 build spills 2.5 KB instead of 1.7 KB).
+    # Per column, at its sample: as pointers here (and in the forward), where dβ and dα add the sample
+    # to their offsets (with offsets, this kernel's 7x7 build spills 2.5 KB instead of 1.7 KB).
     dy_ptr += offset(group * C_out_g, stride_dy_c, WIDE) + offset(n, stride_dy_n, WIDE)
     coeff_ptr += offset(n, stride_coeff_n, WIDE)
 

@@ -24,9 +24,10 @@ none uses atomics, so every gradient is bitwise reproducible run to run:
   its registers until every chunk of every group is in, then project on the bases. dΨ: one
   float32 partial [L, KH*KW] per program, summed by torch in a fixed order.
 - `atom_conv2d_bwd_weight_kernel` (dα): a program per (pixel split, group, output-channel tile,
-  input-channel chunk) recomputes Z of its chunk with the forward's stages 1-2 over the pixel
-  tiles of its split and accumulates dy @ Zᵀ on tensor cores; one float32 partial of its α
-  tile per split, summed by torch in a fixed order (`configs.weight_grad_splits`).
+  run of input-channel chunks) recomputes Z of its chunks with the forward's stages 1-2 over the
+  pixel tiles of its split (the atoms once per tile for the whole run) and accumulates dy @ Zᵀ
+  on tensor cores; one float32 partial of its α tile per split, summed by torch in a fixed order
+  (`configs.weight_grad_splits`).
 - `atom_conv2d_bwd_input_kernel` (dx): the forward's structure on the transposed problem. A
   program per input-pixel tile, group and input-channel tile first makes the atoms of the output
   pixel that reads each of its pixels through each tap, then per chunk of output channels gathers
@@ -61,7 +62,8 @@ from atomconv.validation import AtomConvGeometry, output_layout, validate_atom_c
 
 from . import launch as launching
 from .configs import (TileConfig, TileLaunch, arch_of, fit_tile_config, pow2_at_least, row_passes, tile_candidates,
-                      default_config, tuned_config, weight_grad_splits)
+                      default_config, tuned_config, weight_grad_chunks, weight_grad_programs,
+                      weight_grad_splits)
 from .forward import forward_footprint, pack_weight
 from .launch import INTERPRETING, Launch, check_runnable, dot_precision, pixel_run, needs_wide_offsets, strides
 from .tiles import (add_at, atom_l1_bound, atom_times_features, basis_at_tap, basis_coefficients, coefficient_sum,
@@ -203,8 +205,8 @@ def atom_conv2d_bwd_weight_kernel(
     SPLITS,
     M: tl.constexpr, L: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_P: tl.constexpr, TAP_GROUPS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
-    M_DOT: tl.constexpr, WIDE_ATOMS: tl.constexpr, EVEN_C: tl.constexpr, FLAT_DY: tl.constexpr,
-    WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    M_DOT: tl.constexpr, WIDE_ATOMS: tl.constexpr, CHUNKS: tl.constexpr, EVEN_C: tl.constexpr,
+    FLAT_DY: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """x [N, C_in, H, W], β (coeff) [N, M*L, H_out, W_out], Ψ (bases) [L, KH, KW],
     dy [N, C_out, H_out, W_out], any strides -> dα partials (dw) [SPLITS, C_out,
@@ -213,22 +215,27 @@ def atom_conv2d_bwd_weight_kernel(
     (channels past the group, atoms past M) hold garbage; the launcher drops them. EVEN_C:
     C_in_g is a multiple of BLOCK_C.
 
-    Grid (G * cdiv(C_out_g, BLOCK_O) * cdiv(C_in_g, BLOCK_C), SPLITS): the programs of one split
-    are neighbours, so they read the same pixels from L2.
+    A program owns CHUNKS consecutive channel chunks (`configs.weight_grad_chunks`: CHUNKS divides
+    cdiv(C_in_g, BLOCK_C)): each pixel tile's atoms and dy, made and loaded once, serve all of them.
+    Grid (G * cdiv(C_out_g, BLOCK_O) * cdiv(C_in_g, BLOCK_C) / CHUNKS, SPLITS): the programs of
+    one split are neighbours, so they read the same pixels from L2.
     """
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     PER_GROUP: tl.constexpr = (KH * KW + TAP_GROUPS - 1) // TAP_GROUPS
     COLUMNS: tl.constexpr = TAP_GROUPS * BLOCK_P
     num_o_tiles = tl.cdiv(C_out_g, BLOCK_O)
     num_chunks = tl.cdiv(C_in_g, BLOCK_C)
+    chunk_runs = num_chunks // CHUNKS
     tile, split = tl.program_id(0), tl.program_id(1)
-    group, tile = tile // (num_o_tiles * num_chunks), tile % (num_o_tiles * num_chunks)
-    pid_o, chunk = tile // num_chunks, tile % num_chunks
+    group, tile = tile // (num_o_tiles * chunk_runs), tile % (num_o_tiles * chunk_runs)
+    pid_o, first_chunk = tile // chunk_runs, tile % chunk_runs * CHUNKS
 
     o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     o_mask = o < C_out_g
-    # dα of atoms b*WIDE_ATOMS .. in dw[b] [BLOCK_O, WIDE_ATOMS * BLOCK_C]: one dot per block reads dy once.
-    dw = (tl.zeros([BLOCK_O, WIDE_ATOMS * BLOCK_C], tl.float32),) * ((M + WIDE_ATOMS - 1) // WIDE_ATOMS)
+    # dα of chunk first_chunk + j, atoms b*WIDE_ATOMS .. in dw[j*BLOCKS + b] [BLOCK_O, WIDE_ATOMS *
+    # BLOCK_C]: one dot per block reads dy once.
+    BLOCKS: tl.constexpr = (M + WIDE_ATOMS - 1) // WIDE_ATOMS
+    dw = (tl.zeros([BLOCK_O, WIDE_ATOMS * BLOCK_C], tl.float32),) * (CHUNKS * BLOCKS)
     pixel_tiles = tl.cdiv(tl.cast(N, tl.int64) * (H_out * W_out), BLOCK_P).to(tl.int32)  # (N*H*W may pass 2**31)
     for pixel_tile_id in range(split, pixel_tiles, SPLITS):
         n, pix, oh, ow, pix_mask = pixel_tile(pixel_tile_id, N, H_out, W_out, BLOCK_P, TAP_GROUPS, FLAT_DY)  # per column
@@ -244,39 +251,44 @@ def atom_conv2d_bwd_weight_kernel(
                             TAP_GROUPS, BLOCK_P, WIDE)
         x_pix = offset(n, stride_x_n, WIDE) + offset(oh * SH - PH, stride_x_h, WIDE) \
             + offset(ow * SW - PW, stride_x_w, WIDE)  # window corner
-        z = atom_times_features(x_ptr + offset(group * C_in_g + chunk * BLOCK_C, stride_x_c, WIDE)
-                                + x_pix, stride_x_c, C_in_g - chunk * BLOCK_C, taps, atoms, M, PER_GROUP, EVEN_C,
-                                BLOCK_C, COLUMNS, WIDE)
-        # dy of each column's pixel: the dot then sums the tap groups' partial Z along with the pixels.
-        dy = tl.load(dy_ptr + offset(group * C_out_g + o, stride_dy_c, WIDE)[:, None]
-                     + (offset(n, stride_dy_n, WIDE) + pixel_offset(pix, oh, ow, stride_dy_h, stride_dy_w, FLAT_DY,
-                                                                     WIDE))[None, :],
-                     mask=o_mask[:, None] & pix_mask[None, :], other=0.0)
-        dy = dot_operand(dy, dtype, INTERPRETED)
-        for b in tl.static_range(len(dw)):
-            # Zᵀ of atoms b*WIDE_ATOMS .. [COLUMNS, WIDE_ATOMS * BLOCK_C], zero past M. Pixels past
-            # the end: dy is 0 there, but Z may be NaN (masked β times an Inf in Ψ).
-            z_t = ()
-            for m in tl.static_range(b * WIDE_ATOMS, (b + 1) * WIDE_ATOMS):
-                if m < M:
-                    z_t = z_t + (tl.where(pix_mask[:, None], columns_tile(z[m * BLOCK_C:(m + 1) * BLOCK_C], BLOCK_C,
-                                                                           COLUMNS), 0.0),)
-                else:
-                    z_t = z_t + (tl.zeros([COLUMNS, BLOCK_C], tl.float32),)
-            # (joined per atom: stacking all the rows at once spills)
-            z_t = dot_operand(joined_columns(z_t, WIDE_ATOMS, COLUMNS, BLOCK_C), dtype, INTERPRETED)
-            if dtype == tl.float16:
-                dw = add_at(dw, b, tl.dot(dy, z_t, input_precision=DOT_PRECISION) * inverse_scale)
-            else:  # (accumulating in the dot)
-                dw = dw[:b] + (tl.dot(dy, z_t, dw[b], input_precision=DOT_PRECISION),) + dw[b + 1:]
+        for j in tl.static_range(CHUNKS):
+            chunk = first_chunk + j
+            z = atom_times_features(x_ptr + offset(group * C_in_g + chunk * BLOCK_C, stride_x_c, WIDE) + x_pix,
+                                    stride_x_c, C_in_g - chunk * BLOCK_C, taps, atoms, M, PER_GROUP, EVEN_C, BLOCK_C,
+                                    COLUMNS, WIDE)
+            if j == 0:  # (loaded after the first Z, not before: at K=7 holding it through stage 2 spills more)
+                # dy of each column's pixel: the dot then sums the tap groups' partial Z along with the pixels.
+                dy = tl.load(dy_ptr + offset(group * C_out_g + o, stride_dy_c, WIDE)[:, None]
+                             + (offset(n, stride_dy_n, WIDE) + pixel_offset(pix, oh, ow, stride_dy_h, stride_dy_w,
+                                                                             FLAT_DY, WIDE))[None, :],
+                             mask=o_mask[:, None] & pix_mask[None, :], other=0.0)
+                dy = dot_operand(dy, dtype, INTERPRETED)
+            for b in tl.static_range(BLOCKS):
+                # Zᵀ of atoms b*WIDE_ATOMS .. [COLUMNS, WIDE_ATOMS * BLOCK_C], zero past M. Pixels past
+                # the end: dy is 0 there, but Z may be NaN (masked β times an Inf in Ψ).
+                z_t = ()
+                for m in tl.static_range(b * WIDE_ATOMS, (b + 1) * WIDE_ATOMS):
+                    if m < M:
+                        z_t = z_t + (tl.where(pix_mask[:, None],
+                                              columns_tile(z[m * BLOCK_C:(m + 1) * BLOCK_C], BLOCK_C, COLUMNS), 0.0),)
+                    else:
+                        z_t = z_t + (tl.zeros([COLUMNS, BLOCK_C], tl.float32),)
+                # (joined per atom: stacking all the rows at once spills)
+                z_t = dot_operand(joined_columns(z_t, WIDE_ATOMS, COLUMNS, BLOCK_C), dtype, INTERPRETED)
+                if dtype == tl.float16:
+                    dw = add_at(dw, j * BLOCKS + b, tl.dot(dy, z_t, input_precision=DOT_PRECISION) * inverse_scale)
+                else:  # (accumulating in the dot)
+                    dw = dw[:j * BLOCKS + b] + (tl.dot(dy, z_t, dw[j * BLOCKS + b], input_precision=DOT_PRECISION),) \
+                        + dw[j * BLOCKS + b + 1:]
 
     num_chunks_row = num_chunks * M_DOT * BLOCK_C
     dw_cols = tl.arange(0, WIDE_ATOMS * BLOCK_C)
     dw_ptrs = dw_ptr + split.to(tl.int64) * (G * C_out_g * num_chunks_row) \
-        + ((group * C_out_g + o) * num_chunks_row)[:, None] + (chunk * M_DOT * BLOCK_C + dw_cols)[None, :]
-    for b in tl.static_range(len(dw)):
-        tl.store(dw_ptrs + b * WIDE_ATOMS * BLOCK_C, dw[b],
-                 mask=o_mask[:, None] & (dw_cols < (M - b * WIDE_ATOMS) * BLOCK_C)[None, :])
+        + ((group * C_out_g + o) * num_chunks_row)[:, None] + (first_chunk * M_DOT * BLOCK_C + dw_cols)[None, :]
+    for j in tl.static_range(CHUNKS):
+        for b in tl.static_range(BLOCKS):
+            tl.store(dw_ptrs + j * M_DOT * BLOCK_C + b * WIDE_ATOMS * BLOCK_C, dw[j * BLOCKS + b],
+                     mask=o_mask[:, None] & (dw_cols < (M - b * WIDE_ATOMS) * BLOCK_C)[None, :])
 
 
 @triton.jit
@@ -495,10 +507,10 @@ def weight_grad_launch(x, atom_coeff, bases, grad_y, dweight_partials, geo: Atom
                        launch: TileLaunch) -> Launch:
     """The dα kernel's launch; the split count is dweight_partials.shape[0]."""
     splits = dweight_partials.shape[0]
-    c_in_g, c_out_g = geo.in_channels // geo.groups, geo.out_channels // geo.groups
-    alpha_tiles = geo.groups * triton.cdiv(c_out_g, launch.BLOCK_O) * triton.cdiv(c_in_g, launch.BLOCK_C)
+    c_in_g = geo.in_channels // geo.groups
+    programs_per_split = weight_grad_programs(geo, launch, x.dtype)
     launching.check_int32_indexing("H_out*W_out", geo.out_size[0] * geo.out_size[1], launch.BLOCK_P,
-                                   alpha_tiles * splits)
+                                   programs_per_split * splits)
     args = dict(
         x_ptr=x, coeff_ptr=atom_coeff, bases_ptr=bases, dy_ptr=grad_y, dw_ptr=dweight_partials,
         **_geometry_args(geo),
@@ -506,12 +518,12 @@ def weight_grad_launch(x, atom_coeff, bases, grad_y, dweight_partials, geo: Atom
         **strides("stride_bases", "lhw", bases), **strides("stride_dy", "nchw", grad_y),
         SPLITS=splits, **_shape_args(geo),
         BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
-        M_DOT=_m_dot(geo, launch), WIDE_ATOMS=wide_dot_atoms(geo, launch, x.dtype), EVEN_C=c_in_g % launch.BLOCK_C == 0,
-        FLAT_DY=pixel_run(grad_y),
+        M_DOT=_m_dot(geo, launch), WIDE_ATOMS=wide_dot_atoms(geo, launch, x.dtype),
+        CHUNKS=weight_grad_chunks(geo, launch, x.dtype), EVEN_C=c_in_g % launch.BLOCK_C == 0, FLAT_DY=pixel_run(grad_y),
         WIDE=needs_wide_offsets(x, atom_coeff, grad_y), DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,
     )
     pixel_tiles = launching.pixel_tiles(geo.batch, geo.out_size[0] * geo.out_size[1], launch.BLOCK_P)
-    return Launch("atom_conv2d_bwd_weight", atom_conv2d_bwd_weight_kernel, args, (alpha_tiles, splits),
+    return Launch("atom_conv2d_bwd_weight", atom_conv2d_bwd_weight_kernel, args, (programs_per_split, splits),
                   launch.num_warps, launch.num_stages, loop_trips=(pixel_tiles / splits,))
 
 
@@ -581,12 +593,12 @@ def coeff_grad_footprint(launch: TileLaunch, geo: AtomConvGeometry, dtype: torch
 def weight_grad_footprint(launch: TileLaunch, geo: AtomConvGeometry, dtype: torch.dtype,
                           arch: str) -> autotune_cache.Footprint:
     """What a config of the dα kernel costs: the forward's stages 1-2 per (output-channel tile,
-    chunk) program (`forward_footprint`: its cost counts stage 1 for every output-channel tile;
-    here it is also redone for every chunk)."""
+    run of chunks) program (`forward_footprint`: its cost counts stage 1 for every output-channel
+    tile; here it is also redone for every run of `weight_grad_chunks` chunks)."""
     forward = forward_footprint(launch, geo, dtype, arch)
     chunks = triton.cdiv(geo.in_channels // geo.groups, launch.BLOCK_C)
     stage_1 = forward.cost * geo.num_bases / (launch.BLOCK_C * chunks + geo.num_bases)
-    return dataclasses.replace(forward, cost=forward.cost + stage_1 * (chunks - 1))
+    return dataclasses.replace(forward, cost=forward.cost + stage_1 * (chunks // weight_grad_chunks(geo, launch, dtype) - 1))
 
 
 def input_grad_footprint(launch: TileLaunch, geo: AtomConvGeometry, dtype: torch.dtype,
@@ -632,7 +644,7 @@ def launch_weight_grad(grad_y, x, atom_coeff, bases, weight, geo: AtomConvGeomet
     launch = fit_tile_config(config, geo)
     c_in_g = geo.in_channels // geo.groups
     if splits is None:
-        splits = weight_grad_splits(geo, launch, _target_programs(x.device))
+        splits = weight_grad_splits(geo, launch, x.dtype, _target_programs(x.device))
     partials = torch.empty(splits, geo.out_channels, triton.cdiv(c_in_g, launch.BLOCK_C), _m_dot(geo, launch),
                            launch.BLOCK_C, dtype=torch.float32, device=x.device)
     with launching.on_device_of(x):

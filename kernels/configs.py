@@ -189,14 +189,44 @@ def arch_of(device: torch.device) -> str:
     return "sm_90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm_80"
 
 
-def weight_grad_splits(geo: AtomConvGeometry, launch: TileLaunch, target_programs: int) -> int:
-    """How many programs share the pixel reduction of one α tile in the dα kernel: enough for
-    about target_programs programs in all, at most one per pixel tile, at least one. Each split
-    writes one float32 partial of α, so the scratch is about target_programs α tiles."""
+MAX_WEIGHT_GRAD_CHUNKS = 4
+"""Channel chunks one dα program owns at most: each holds its own dα accumulators (at K=7 a
+kernel with eight had not finished compiling and being modelled after 13 minutes)."""
+
+
+def weight_grad_chunks(geo: AtomConvGeometry, launch: TileLaunch, dtype: torch.dtype) -> int:
+    """How many consecutive channel chunks one dα program owns. It makes a pixel tile's atoms
+    (stage 1: M*L*KH*KW multiply-adds per pixel) once for all of them, then each chunk's Z (stage 2:
+    BLOCK_C*M*KH*KW): enough chunks that stage 2 is at least twice stage 1 (CHUNKS*BLOCK_C >= 2L),
+    a power of two that divides the chunk count, at most MAX_WEIGHT_GRAD_CHUNKS. One in float32,
+    whose dot operands take twice the registers (two chunks: 14.8 KB of spills at K=3 on sm_90,
+    not 2.2 KB)."""
+    if dtype.itemsize > 2:
+        return 1
+    chunks = _cdiv(geo.in_channels // geo.groups, launch.BLOCK_C)
+    wanted = min(MAX_WEIGHT_GRAD_CHUNKS, pow2_at_least(_cdiv(2 * geo.num_bases, launch.BLOCK_C)))
+    per_program = 1
+    while per_program < wanted and chunks % (2 * per_program) == 0:
+        per_program *= 2
+    return per_program
+
+
+def weight_grad_programs(geo: AtomConvGeometry, launch: TileLaunch, dtype: torch.dtype) -> int:
+    """The dα kernel's programs per split: one per group, output-channel tile and run of
+    `weight_grad_chunks` input-channel chunks."""
     c_in_g, c_out_g = geo.in_channels // geo.groups, geo.out_channels // geo.groups
-    alpha_tiles = geo.groups * _cdiv(c_out_g, launch.BLOCK_O) * _cdiv(c_in_g, launch.BLOCK_C)
+    return (geo.groups * _cdiv(c_out_g, launch.BLOCK_O) * _cdiv(c_in_g, launch.BLOCK_C)
+            // weight_grad_chunks(geo, launch, dtype))
+
+
+def weight_grad_splits(geo: AtomConvGeometry, launch: TileLaunch, dtype: torch.dtype, target_programs: int) -> int:
+    """How many programs share the pixel reduction of one program's α tiles in the dα kernel:
+    enough for about target_programs programs in all, at most one per pixel tile, at least one.
+    Each split writes a float32 partial of the whole α, so the scratch, splits x |α| floats,
+    grows as programs own more chunks (`weight_grad_chunks`)."""
+    programs_per_split = weight_grad_programs(geo, launch, dtype)
     tiles = pixel_tiles(geo.batch, geo.out_size[0] * geo.out_size[1], launch.BLOCK_P)
-    return max(1, min(tiles, _cdiv(target_programs, alpha_tiles)))
+    return max(1, min(tiles, _cdiv(target_programs, programs_per_split)))
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -107,7 +107,7 @@ def kernel_launch(kernel: str, problem: dict, dtype: torch.dtype, config: config
         return backward.coeff_grad_launch(x, atom_coeff, bases, weight, y, atom_coeff, 
                                           dbases if kernel.endswith("bases") else None, geo, fitted)
     if kernel == "atom_conv2d_bwd_weight":
-        splits = configs.weight_grad_splits(geo, fitted, WEIGHT_GRAD_PROGRAMS)
+        splits = configs.weight_grad_splits(geo, fitted, dtype, WEIGHT_GRAD_PROGRAMS)
         partials = torch.empty(splits, geo.out_channels, triton.cdiv(geo.in_channels // geo.groups, fitted.BLOCK_C),
                                fitted.ATOMS_PER_DOT * triton.cdiv(geo.num_atoms, fitted.ATOMS_PER_DOT), fitted.BLOCK_C,
                                device="meta")

@@ -131,6 +131,22 @@ def test_several_chunks_tiles_and_splits():
     assert_grads_close((dx, dcoeff, dbases, dweight), reference_grads(inputs, grad_y, kwargs), inputs, torch.float32)
 
 
+@pytest.mark.parametrize("channels_in, num_bases, dtype, chunks_per_program", [
+    (20, 5, torch.float16, 1), (30, 5, torch.float16, 2), (44, 12, torch.float16, 2), (60, 12, torch.float16, 4),
+    (60, 12, torch.float32, 1)], ids=str)
+def test_weight_grad_runs_of_chunks(channels_in, num_bases, dtype, chunks_per_program):
+    """16-bit dα programs that own one chunk of three, two of four or six, and four of eight (the
+    atoms of a pixel tile serve them all; the last chunk ragged); float32 ones own one."""
+    tensors, kwargs = make_problem(1, channels_in, 12, (6, 5), 3, padding=1, num_atoms=3, num_bases=num_bases)
+    config = configs.TileConfig(num_warps=1, block_c=8, block_o=16)
+    inputs = to(tensors[:4], dtype)
+    geo = validate_atom_conv2d(*inputs, None, **kwargs)
+    assert configs.weight_grad_chunks(geo, configs.fit_tile_config(config, geo), dtype) == chunks_per_program
+    grad_y = torch.randn(1, 12, 6, 5, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype)
+    dweight = backward.launch_weight_grad(grad_y, *inputs, geo, config=config, splits=1)
+    assert_grad_close("weight", dweight, reference_grads(inputs, grad_y, kwargs)[3], inputs[3], dtype)
+
+
 # Each backward launcher, run on (grad_y, x, atom_coeff, bases, weight, geometry) with a forced
 # config: the gradients it returns and their positions in (x, atom_coeff, bases, weight).
 LAUNCHERS = {
@@ -219,9 +235,10 @@ def test_weight_grad_splits_fill_the_target_within_the_pixel_tiles():
     geo = validate_atom_conv2d(*tensors[:4], None, **kwargs)
     launch = configs.fit_tile_config(configs.TileConfig(num_warps=1, block_c=8, block_o=16), geo)
     assert (launch.BLOCK_O, launch.BLOCK_C, launch.BLOCK_P) == (16, 8, 32)  # one α tile per group: 2 in all
-    assert configs.weight_grad_splits(geo, launch, target_programs=3) == 2
-    assert configs.weight_grad_splits(geo, launch, target_programs=10**6) == 7  # one per pixel tile: 200 pixels / 32
-    assert configs.weight_grad_splits(geo, launch, target_programs=1) == 1
+    assert configs.weight_grad_splits(geo, launch, torch.float32, target_programs=3) == 2
+    # one per pixel tile: 200 pixels / 32
+    assert configs.weight_grad_splits(geo, launch, torch.float32, target_programs=10**6) == 7
+    assert configs.weight_grad_splits(geo, launch, torch.float32, target_programs=1) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)

@@ -131,17 +131,21 @@ def test_several_chunks_tiles_and_splits():
     assert_grads_close((dx, dcoeff, dbases, dweight), reference_grads(inputs, grad_y, kwargs), inputs, torch.float32)
 
 
-@pytest.mark.parametrize("channels_in, num_bases, dtype, chunks_per_program", [
-    (20, 5, torch.float16, 1), (30, 5, torch.float16, 2), (44, 12, torch.float16, 2), (60, 12, torch.float16, 4),
-    (60, 12, torch.float32, 1)], ids=str)
-def test_weight_grad_runs_of_chunks(channels_in, num_bases, dtype, chunks_per_program):
+@pytest.mark.parametrize("channels_in, kernel_size, num_bases, dtype, chunks_per_program", [
+    (20, 3, 5, torch.float16, 1), (30, 3, 5, torch.float16, 2), (44, 3, 12, torch.float16, 2),
+    (60, 3, 12, torch.float16, 4), (60, 3, 12, torch.float32, 1), (30, 5, 5, torch.float16, 2)], ids=str)
+def test_weight_grad_runs_of_chunks(channels_in, kernel_size, num_bases, dtype, chunks_per_program):
     """16-bit dα programs that own one chunk of three, two of four or six, and four of eight (the
-    atoms of a pixel tile serve them all; the last chunk ragged); float32 ones own one."""
-    tensors, kwargs = make_problem(1, channels_in, 12, (6, 5), 3, padding=1, num_atoms=3, num_bases=num_bases)
+    atoms of a pixel tile serve them all; the last chunk ragged), also with tap groups (5x5);
+    float32 ones own one."""
+    tensors, kwargs = make_problem(1, channels_in, 12, (6, 5), kernel_size, padding=kernel_size // 2, num_atoms=3,
+                                   num_bases=num_bases)
     config = configs.TileConfig(num_warps=1, block_c=8, block_o=16)
     inputs = to(tensors[:4], dtype)
     geo = validate_atom_conv2d(*inputs, None, **kwargs)
-    assert configs.weight_grad_chunks(geo, configs.fit_tile_config(config, geo), dtype) == chunks_per_program
+    launch = configs.fit_tile_config(config, geo)
+    assert configs.weight_grad_chunks(geo, launch, dtype) == chunks_per_program
+    assert (launch.TAP_GROUPS > 1) == (kernel_size == 5)
     grad_y = torch.randn(1, 12, 6, 5, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype)
     dweight = backward.launch_weight_grad(grad_y, *inputs, geo, config=config, splits=1)
     assert_grad_close("weight", dweight, reference_grads(inputs, grad_y, kwargs)[3], inputs[3], dtype)

@@ -277,7 +277,7 @@ def atom_conv2d_bwd_weight_kernel(
                 z_t = dot_operand(joined_columns(z_t, WIDE_ATOMS, COLUMNS, BLOCK_C), dtype, INTERPRETED)
                 if dtype == tl.float16:
                     dw = add_at(dw, j * BLOCKS + b, tl.dot(dy, z_t, input_precision=DOT_PRECISION) * inverse_scale)
-                else:  # (accumulating in the dot)
+                else:  # (accumulating in the dot; the index is spelled out: a constexpr cannot be reassigned)
                     dw = dw[:j * BLOCKS + b] + (tl.dot(dy, z_t, dw[j * BLOCKS + b], input_precision=DOT_PRECISION),) \
                         + dw[j * BLOCKS + b + 1:]
 
@@ -519,7 +519,8 @@ def weight_grad_launch(x, atom_coeff, bases, grad_y, dweight_partials, geo: Atom
         SPLITS=splits, **_shape_args(geo),
         BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
         M_DOT=_m_dot(geo, launch), WIDE_ATOMS=wide_dot_atoms(geo, launch, x.dtype),
-        CHUNKS=weight_grad_chunks(geo, launch, x.dtype), EVEN_C=c_in_g % launch.BLOCK_C == 0, FLAT_DY=pixel_run(grad_y),
+        CHUNKS=weight_grad_chunks(geo, launch, x.dtype), EVEN_C=c_in_g % launch.BLOCK_C == 0,
+        FLAT_DY=pixel_run(grad_y),
         WIDE=needs_wide_offsets(x, atom_coeff, grad_y), DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,
     )
     pixel_tiles = launching.pixel_tiles(geo.batch, geo.out_size[0] * geo.out_size[1], launch.BLOCK_P)
@@ -598,7 +599,8 @@ def weight_grad_footprint(launch: TileLaunch, geo: AtomConvGeometry, dtype: torc
     forward = forward_footprint(launch, geo, dtype, arch)
     chunks = triton.cdiv(geo.in_channels // geo.groups, launch.BLOCK_C)
     stage_1 = forward.cost * geo.num_bases / (launch.BLOCK_C * chunks + geo.num_bases)
-    return dataclasses.replace(forward, cost=forward.cost + stage_1 * (chunks // weight_grad_chunks(geo, launch, dtype) - 1))
+    runs = chunks // weight_grad_chunks(geo, launch, dtype)
+    return dataclasses.replace(forward, cost=forward.cost + stage_1 * (runs - 1))
 
 
 def input_grad_footprint(launch: TileLaunch, geo: AtomConvGeometry, dtype: torch.dtype,

@@ -303,8 +303,11 @@ def atom_conv2d_reference(
     def forward_chunk(chunk: Chunk) -> None:  # a function, so that the chunk's tensors die with it
         layout = Layout.of(geo, chunk.n1 - chunk.n0, chunk.r1 - chunk.r0, chunk.c1 - chunk.c0)
         x_window, _, _ = input_window(x, geo, chunk, layout, ctype)
-        z = atom_times_features(x_window, chunk_coefficients(chunk.of(atom_coeff), layout, geo.num_atoms, ctype),
-                                bases_c, geo, layout)
+        # (Z's extra columns zeroed although y drops them: autograd through this forward sums Z over
+        # every virtual pixel for d weight, and an Inf that their taps read makes them NaN.)
+        z = zero_extra_columns(atom_times_features(x_window, chunk_coefficients(chunk.of(atom_coeff), layout,
+                                                                                geo.num_atoms, ctype),
+                                                   bases_c, geo, layout), layout, 1)
         del x_window  # stage 3 does not need it: free it first
         y_virtual = coefficient_sum(z.view(layout.virtual_pixels, *z.shape[2:]), weight_g, bias)
         del z

@@ -40,8 +40,8 @@ the forward, 16-bit dots take 16-bit operands on a GPU: Z (for dα) and U (for d
 the input dtype before their dot, so in float16 their atoms are first scaled by a power of two
 that keeps them finite (per input pixel in dx, per pixel tile in dα, whose dot sums over pixels;
 see `tiles`), undone on the accumulator. Lanes that are padding (channels past the group, pixels
-past the end, taps no output pixel reads) are kept out of every sum, so an Inf input gives the
-reference's ±Inf, not NaN.
+past the end, taps no output pixel reads, taps of a tap group that do not exist) are kept out of
+every sum, so an Inf input (dy included) gives the reference's ±Inf, not NaN.
 
 Each launcher guards its launch with `launch.on_device_of` (Triton launches on the current
 device), and gives the autotune cache a footprint per config (`*_footprint`): what fits, what
@@ -67,8 +67,8 @@ from .configs import (TileConfig, TileLaunch, arch_of, fit_tile_config, pow2_at_
 from .forward import forward_footprint, pack_weight
 from .launch import INTERPRETING, Launch, check_runnable, dot_precision, pixel_run, needs_wide_offsets, strides
 from .tiles import (add_at, atom_l1_bound, atom_times_features, basis_at_tap, basis_coefficients, coefficient_sum,
-                    column_blocks, column_tap, columns_tile, dot_operand, joined_columns, offset, pixel_atoms,
-                    pixel_offset, pixel_sum, pixel_tile, pow2_scale, scaled_atoms, tap_geometry,
+                    column_blocks, column_tap, columns_tile, dot_operand, existing_taps_only, joined_columns, offset,
+                    pixel_atoms, pixel_offset, pixel_sum, pixel_tile, pow2_scale, scaled_atoms, tap_geometry,
                     tile_rows, to_columns)
 
 
@@ -84,8 +84,9 @@ def atom_conv2d_bwd_coeff_kernel(
     stride_dcoeff_n, stride_dcoeff_c, stride_dcoeff_h, stride_dcoeff_w,
     M: tl.constexpr, L: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_P: tl.constexpr, TAP_GROUPS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
-    M_DOT: tl.constexpr, WIDE_ATOMS: tl.constexpr, BASES_GRAD: tl.constexpr, FLAT_DY: tl.constexpr,
-    WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    M_DOT: tl.constexpr, WIDE_ATOMS: tl.constexpr, BASES_GRAD: tl.constexpr, EVEN_C: tl.constexpr,
+    DY_RESIDENT: tl.constexpr, FLAT_DY: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     """x [N, C_in, H, W], β (coeff) [N, M*L, H_out, W_out], Ψ (bases) [L, KH, KW], α (w) packed
     like the forward's (`pack_weight`, M_DOT atoms per chunk), dy [N, C_out, H_out, W_out] ->
@@ -95,7 +96,9 @@ def atom_conv2d_bwd_coeff_kernel(
     1-D grid of cdiv(N*H_out*W_out, BLOCK_P) programs; each loops over the channel chunks of
     every group, since dβ sums over all of them. BLOCK_O output channels per step of dZ's dots,
     WIDE_ATOMS (a power of two, `wide_dot_atoms`) atoms per dot. With TAP_GROUPS > 1 each column (one
-    pixel's group of taps) has the dZ of its pixel.
+    pixel's group of taps) has the dZ of its pixel. EVEN_C: C_in_g is a multiple of BLOCK_C.
+    DY_RESIDENT (`dy_resident`): dZ's dots take one step (C_out_g <= BLOCK_O), so a group's dyᵀ is
+    loaded once for all its chunks, and its dot operand stays in shared memory across them.
     """
     TAPS: tl.constexpr = KH * KW
     PER_GROUP: tl.constexpr = (TAPS + TAP_GROUPS - 1) // TAP_GROUPS
@@ -117,6 +120,9 @@ def atom_conv2d_bwd_coeff_kernel(
     dz_cols = tl.arange(0, WIDE_ATOMS * BLOCK_C)
     d_atoms = (tl.zeros([COLUMNS], tl.float32),) * (PER_GROUP * M)  # entry k*M + m: dA[m, the column's tap k]
     for group in range(G):
+        if DY_RESIDENT:
+            dy_group = dot_operand(transposed_grad_output(dy_ptr, dy_pix, pix_mask, group * C_out_g, out_chan, C_out_g,
+                                                          stride_dy_c, WIDE), dtype, INTERPRETED)
         for chunk in range(num_chunks):
             c = chunk * BLOCK_C + chan
             chan_mask = c < C_in_g
@@ -127,35 +133,47 @@ def atom_conv2d_bwd_coeff_kernel(
             for o0 in range(0, C_out_g, BLOCK_O):
                 o = o0 + out_chan
                 o_mask = o < C_out_g
-                # dyᵀ [COLUMNS, BLOCK_O], loaded as such: pixels are the contiguous (coalesced) axis.
-                dy_t = tl.load(dy_ptr + dy_pix[:, None] + offset(group * C_out_g + o, stride_dy_c, WIDE)[None, :],
-                               mask=pix_mask[:, None] & o_mask[None, :], other=0.0)
+                if DY_RESIDENT:
+                    dy_t = dy_group
+                else:
+                    dy_t = dot_operand(transposed_grad_output(dy_ptr, dy_pix, pix_mask, group * C_out_g, o, C_out_g,
+                                                              stride_dy_c, WIDE), dtype, INTERPRETED)
                 w_t = w_ptr + ((group * C_out_g + o) * w_row)[:, None] + (chunk * M_DOT * BLOCK_C + dz_cols)[None, :]
                 for m in tl.static_range(0, M, WIDE_ATOMS):
                     # α of atoms m .. m + WIDE_ATOMS - 1 [BLOCK_O, WIDE_ATOMS * BLOCK_C], zero past M.
                     alpha = tl.load(w_t + m * BLOCK_C, mask=o_mask[:, None] & (dz_cols < (M - m) * BLOCK_C)[None, :],
                                     other=0.0)
-                    dz_block = tl.dot(dot_operand(dy_t, dtype, INTERPRETED), dot_operand(alpha, dtype, INTERPRETED),
+                    dz_block = tl.dot(dy_t, dot_operand(alpha, dtype, INTERPRETED),
                                       input_precision=DOT_PRECISION)
                     parts = column_blocks(dz_block, WIDE_ATOMS, COLUMNS, BLOCK_C)
                     for i in tl.static_range(WIDE_ATOMS):
                         if m + i < M:
                             dz = add_at(dz, m + i, parts[i])
-            # Padding lanes of dZ are exactly zero: an Inf tap there must not make NaN.
-            valid = chan_mask[:, None] & pix_mask[None, :]
             dz_rows = ()  # dz_rows[m][k] [COLUMNS]: dZ[m] of channel k of the chunk
             for m in tl.static_range(M):
-                dz_rows = dz_rows + (tile_rows(tl.where(valid, tl.trans(dz[m]), 0.0), BLOCK_C, COLUMNS),)
+                dz_m = tl.trans(dz[m])
+                if BASES_GRAD or not EVEN_C:
+                    # Padding lanes of dZ are exactly zero, so that an Inf there (Inf α or dy times a
+                    # zero) cannot meet a tap's zero: in dA of a real pixel through a channel past the
+                    # group, or in dΨ through a pixel past the end (dβ there is never stored).
+                    dz_m = tl.where(chan_mask[:, None] & pix_mask[None, :], dz_m, 0.0)
+                dz_rows = dz_rows + (tile_rows(dz_m, BLOCK_C, COLUMNS),)
             for k in tl.static_range(BLOCK_C):
                 x_chan = x_ptr + offset(group * C_in_g + chunk * BLOCK_C + k, stride_x_c, WIDE) + x_pix
-                # (compared as a vector: the interpreter's bool scalar & vector is int32)
-                chan_ok = tl.full([COLUMNS], chunk * BLOCK_C + k, tl.int32) < C_in_g
                 for t in tl.static_range(PER_GROUP):
-                    x_tap = tl.load(x_chan + row_offsets[t] + column_offsets[t], mask=chan_ok & tap_masks[t],
-                                    other=0.0).to(tl.float32)
+                    x_mask = tap_masks[t]
+                    if not EVEN_C or TAP_GROUPS > 1:
+                        # (Kept with tap groups even where every channel exists: without it the 5x5 and
+                        # 7x7 builds spill, 72 B on sm_90. Compared as a vector: the interpreter's bool
+                        # scalar & vector is int32.)
+                        x_mask = x_mask & (tl.full([COLUMNS], chunk * BLOCK_C + k, tl.int32) < C_in_g)
+                    x_tap = tl.load(x_chan + row_offsets[t] + column_offsets[t], mask=x_mask, other=0.0).to(tl.float32)
                     for m in tl.static_range(M):
                         d_atoms = add_at(d_atoms, t * M + m, dz_rows[m][k] * x_tap)
 
+    # A tap that does not exist has no dA (its zero x times an Inf dZ is NaN, which its zero Ψ would
+    # carry into dβ).
+    d_atoms = existing_taps_only(d_atoms, M, TAPS, TAP_GROUPS, BLOCK_P)
     # dβ[m*L + l] = Σ_taps dA[m, tap] · Ψ[l, tap]: over each column's taps, then a pixel's columns.
     # (Bases outermost, each Ψ value used by every atom as it is loaded, as in `pixel_atoms`.)
     out_n, _, out_h, out_w, out_mask = pixel_tile(pid, N, H_out, W_out, BLOCK_P, 1, 1)  # per pixel
@@ -191,6 +209,15 @@ def atom_conv2d_bwd_coeff_kernel(
                     group_tap = tl.arange(0, TAP_GROUPS) * PER_GROUP + k
                     tl.store(partials + l * TAPS + group_tap,
                              tl.sum(tl.reshape(per_column, [TAP_GROUPS, BLOCK_P]), axis=1), mask=group_tap < TAPS)
+
+
+@triton.jit
+def transposed_grad_output(dy_ptr, dy_pix, pix_mask, first_channel, o, C_out_g, stride_dy_c, WIDE: tl.constexpr):
+    """dyᵀ [COLUMNS, BLOCK_O] of output channels first_channel + o (o [BLOCK_O] inside the group,
+    zero from C_out_g on) at each column's pixel (dy_pix, zero where pix_mask is false), loaded as
+    such: pixels are the contiguous (coalesced) axis."""
+    return tl.load(dy_ptr + dy_pix[:, None] + offset(first_channel + o, stride_dy_c, WIDE)[None, :],
+                   mask=pix_mask[:, None] & (o < C_out_g)[None, :], other=0.0)
 
 
 @triton.jit
@@ -265,12 +292,12 @@ def atom_conv2d_bwd_weight_kernel(
                 dy = dot_operand(dy, dtype, INTERPRETED)
             for b in tl.static_range(BLOCKS):
                 # Zᵀ of atoms b*WIDE_ATOMS .. [COLUMNS, WIDE_ATOMS * BLOCK_C], zero past M. Pixels past
-                # the end: dy is 0 there, but Z may be NaN (masked β times an Inf in Ψ).
+                # the end have zero Z (`pixel_atoms` gives them zero atoms, and their taps read 0), so an
+                # Inf there cannot meet their zero dy.
                 z_t = ()
                 for m in tl.static_range(b * WIDE_ATOMS, (b + 1) * WIDE_ATOMS):
                     if m < M:
-                        z_t = z_t + (tl.where(pix_mask[:, None],
-                                              columns_tile(z[m * BLOCK_C:(m + 1) * BLOCK_C], BLOCK_C, COLUMNS), 0.0),)
+                        z_t = z_t + (columns_tile(z[m * BLOCK_C:(m + 1) * BLOCK_C], BLOCK_C, COLUMNS),)
                     else:
                         z_t = z_t + (tl.zeros([COLUMNS, BLOCK_C], tl.float32),)
                 # (joined per atom: stacking all the rows at once spills)
@@ -461,6 +488,14 @@ def _m_dot(geo: AtomConvGeometry, launch: TileLaunch) -> int:
     return launch.ATOMS_PER_DOT * triton.cdiv(geo.num_atoms, launch.ATOMS_PER_DOT)
 
 
+def dy_resident(geo: AtomConvGeometry, launch: TileLaunch) -> bool:
+    """Whether the dβ kernel loads a group's dyᵀ once for all its channel chunks: where dZ's dot
+    takes one step over the group's output channels. (Hoisted, Triton keeps the dot's copy of dyᵀ
+    in shared memory, not the registers: dβ at K=3, float16, sm_90 loses 7 of 12 shared-store
+    wavefronts per pixel and all of dy's reloads.)"""
+    return geo.out_channels // geo.groups <= launch.BLOCK_O
+
+
 WIDE_DOT_COLUMNS = 64
 """At most this many columns (atoms times BLOCK_C channels) in the dots of dZ (dβ kernel) and of
 dα (dα kernel) that take several atoms at once."""
@@ -492,6 +527,7 @@ def coeff_grad_launch(x, atom_coeff, bases, weight, grad_y, dcoeff, dbases, geo:
         **strides("stride_dcoeff", "nchw", dcoeff), **_shape_args(geo),
         BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
         M_DOT=_m_dot(geo, launch), WIDE_ATOMS=wide_dot_atoms(geo, launch, x.dtype), BASES_GRAD=dbases is not None,
+        EVEN_C=(geo.in_channels // geo.groups) % launch.BLOCK_C == 0, DY_RESIDENT=dy_resident(geo, launch),
         FLAT_DY=pixel_run(grad_y),
         WIDE=needs_wide_offsets(x, atom_coeff, grad_y, dcoeff),
         DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,

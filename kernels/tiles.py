@@ -273,15 +273,23 @@ def pixel_atoms(coeff_ptr, coeff_pix, coeff_mask, stride_coeff_c, bases_ptr, str
             psi = tl.load(psi_ptrs, mask=psi_mask, other=0.0).to(tl.float32)
             for m in tl.static_range(M):
                 atoms = add_at(atoms, k * M + m, betas[m] * psi)
-    if TAP_GROUPS > 1:
-        # A tap that does not exist has no atom (its β times a zero Ψ would be NaN for an Inf β).
-        zeroed = ()
-        for k in tl.static_range(PER_GROUP):
-            t, exists = column_tap(k, TAPS, TAP_GROUPS, BLOCK_P)
-            for m in tl.static_range(M):
-                zeroed = zeroed + (tl.where(exists, atoms[k * M + m], 0.0),)
-        atoms = zeroed
-    return atoms
+    # A tap that does not exist has no atom (its β times a zero Ψ would be NaN for an Inf β).
+    return existing_taps_only(atoms, M, TAPS, TAP_GROUPS, BLOCK_P)
+
+
+@triton.jit
+def existing_taps_only(values, M: tl.constexpr, TAPS: tl.constexpr, TAP_GROUPS: tl.constexpr,
+                       BLOCK_P: tl.constexpr):
+    """A tuple of per-column values of each column's taps (entry k*M + m for its k-th tap,
+    `column_tap`, as `pixel_atoms` makes them) with zeros for the taps that do not exist."""
+    if TAP_GROUPS == 1:
+        return values
+    zeroed = ()
+    for k in tl.static_range((TAPS + TAP_GROUPS - 1) // TAP_GROUPS):
+        t, exists = column_tap(k, TAPS, TAP_GROUPS, BLOCK_P)
+        for m in tl.static_range(M):
+            zeroed = zeroed + (tl.where(exists, values[k * M + m], 0.0),)
+    return zeroed
 
 
 @triton.jit

@@ -128,6 +128,7 @@ def test_several_chunks_tiles_and_splits():
     dcoeff, dbases = backward.launch_coeff_grad(grad_y, *inputs, geo, bases_grad=True, config=small)
     dweight = backward.launch_weight_grad(grad_y, *inputs, geo, config=small, splits=2)
     assert triton.cdiv(5 * 7, 32) == 2  # pixel tiles of 32: the last one ragged
+    assert not backward.dy_resident(geo, configs.fit_tile_config(small, geo))  # dyᵀ reloaded per chunk
     assert_grads_close((dx, dcoeff, dbases, dweight), reference_grads(inputs, grad_y, kwargs), inputs, torch.float32)
 
 

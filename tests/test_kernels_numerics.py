@@ -2,8 +2,9 @@
 
 Under Triton's interpreter the kernels round every dot operand to the 16-bit dtype a GPU's tensor
 cores read (`kernels.tiles.dot_operand`), so the overflow of a float16 operand shows up here as it
-would on a GPU. Inf inputs must give ±Inf where the reference does: padding lanes (atoms past M,
-channels past the group) must not turn them into NaN (0 * Inf).
+would on a GPU. Inf inputs (x, Ψ or dy) must give ±Inf where the reference does: padding lanes
+(atoms past M, channels past the group, pixels past the end, taps that do not exist in a tap
+group) must not turn them into NaN (0 * Inf).
 """
 
 import pytest
@@ -79,32 +80,39 @@ def test_float16_rows_of_taps_share_one_scale_per_pixel():
     torch.testing.assert_close(grads[0].double().cpu(), expected_grads[0], rtol=REL_TOL[torch.float16], atol=0)
 
 
-def positive_problem(dtype, inf_in):
-    """Positive inputs (so no Inf can cancel) with one +Inf in x or in Ψ; M = 3 and C_in = 3 leave
-    padded atom and channel lanes in every tile. Padding 0: no tap reads the zero padding, which
-    would make 0 * Inf = NaN in the reference too."""
+def positive_problem(dtype, inf_in, kernel_size=3):
+    """Positive inputs (so no Inf can cancel) with one +Inf in x, in Ψ or in dy; M = 3 and C_in = 3
+    leave padded atom and channel lanes in every tile, and a 5x5 kernel splits each pixel's taps
+    over tap groups, with a tap that does not exist. Padding 0: no tap reads the zero padding,
+    which would make 0 * Inf = NaN in the reference too."""
     g = torch.Generator().manual_seed(0)
     n, c_in, c_out, hw, m, num_bases = 2, 3, 5, (6, 7), 3, 4
+    out_hw = (hw[0] - kernel_size + 1, hw[1] - kernel_size + 1)
 
     def uniform(*shape):
         return 0.1 + 0.9 * torch.rand(shape, generator=g)
 
-    x, bases = uniform(n, c_in, *hw), uniform(num_bases, 3, 3)
+    x, bases = uniform(n, c_in, *hw), uniform(num_bases, kernel_size, kernel_size)
     if inf_in == "x":
         x[1, 2, 3, 4] = float("inf")
-    else:
+    elif inf_in == "bases":
         bases[2, 1, 0] = float("inf")
-    inputs = [x, uniform(n, m * num_bases, 4, 5), bases, uniform(c_out, c_in, m)]
-    return [t.to(DEVICE, dtype) for t in inputs], GEOMETRY, uniform(n, c_out, 4, 5).to(DEVICE, dtype)
+    inputs = [x, uniform(n, m * num_bases, *out_hw), bases, uniform(c_out, c_in, m)]
+    grad_y = uniform(n, c_out, *out_hw)
+    if inf_in == "grad_y":
+        grad_y[1, 2, out_hw[0] - 1, out_hw[1] - 1] = float("inf")
+    return [t.to(DEVICE, dtype) for t in inputs], GEOMETRY, grad_y.to(DEVICE, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("inf_in", ["x", "bases"])
-def test_inf_stays_inf(dtype, inf_in):
-    inputs, kwargs, grad_y = positive_problem(dtype, inf_in)
+@pytest.mark.parametrize("inf_in", ["x", "bases", "grad_y"])
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_inf_stays_inf(dtype, inf_in, kernel_size):
+    inputs, kwargs, grad_y = positive_problem(dtype, inf_in, kernel_size)
     y, grads = fused(inputs, kwargs, grad_y)
     expected_y, expected_grads = reference(inputs, kwargs, grad_y)
-    assert torch.isinf(expected_y).any() and not torch.isnan(expected_y).any()
+    assert torch.isinf(expected_y if inf_in != "grad_y" else expected_grads[1]).any()
+    assert not torch.isnan(expected_y).any()
     tol = dict(rtol=REL_TOL[dtype], atol=0)
     torch.testing.assert_close(y.double().cpu(), expected_y.to(dtype).double(), **tol)
     for name, grad, expected in zip(NAMES, grads, expected_grads):

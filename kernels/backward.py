@@ -297,7 +297,12 @@ def atom_conv2d_bwd_weight_kernel(
                 z_t = ()
                 for m in tl.static_range(b * WIDE_ATOMS, (b + 1) * WIDE_ATOMS):
                     if m < M:
-                        z_t = z_t + (columns_tile(z[m * BLOCK_C:(m + 1) * BLOCK_C], BLOCK_C, COLUMNS),)
+                        z_m = columns_tile(z[m * BLOCK_C:(m + 1) * BLOCK_C], BLOCK_C, COLUMNS)
+                        if dtype == tl.float32:
+                            # (No change in value, but without it the float32 default spills 8.4 KB on
+                            # sm_90 instead of 2.2 KB.)
+                            z_m = tl.where(pix_mask[:, None], z_m, 0.0)
+                        z_t = z_t + (z_m,)
                     else:
                         z_t = z_t + (tl.zeros([COLUMNS, BLOCK_C], tl.float32),)
                 # (joined per atom: stacking all the rows at once spills)

@@ -61,8 +61,8 @@ import autotune_cache
 from atomconv.validation import AtomConvGeometry, output_layout, validate_atom_conv2d
 
 from . import launch as launching
-from .configs import (TileConfig, TileLaunch, arch_of, fit_tile_config, pow2_at_least, row_passes, tile_candidates,
-                      default_config, tuned_config, weight_grad_chunks, weight_grad_programs,
+from .configs import (TileConfig, TileLaunch, arch_of, even_chunks, fit_tile_config, pow2_at_least, row_passes,
+                      tile_candidates, default_config, tuned_config, weight_grad_chunks, weight_grad_programs,
                       weight_grad_splits)
 from .forward import forward_footprint, pack_weight
 from .launch import INTERPRETING, Launch, check_runnable, dot_precision, pixel_run, needs_wide_offsets, strides
@@ -121,8 +121,8 @@ def atom_conv2d_bwd_coeff_kernel(
     d_atoms = (tl.zeros([COLUMNS], tl.float32),) * (PER_GROUP * M)  # entry k*M + m: dA[m, the column's tap k]
     for group in range(G):
         if DY_RESIDENT:
-            dy_group = dot_operand(transposed_grad_output(dy_ptr, dy_pix, pix_mask, group * C_out_g, out_chan, C_out_g,
-                                                          stride_dy_c, WIDE), dtype, INTERPRETED)
+            dy_group = dot_operand(transposed_grad_output(dy_ptr, dy_pix, pix_mask, group * C_out_g, out_chan,
+                                                          out_chan < C_out_g, stride_dy_c, WIDE), dtype, INTERPRETED)
         for chunk in range(num_chunks):
             c = chunk * BLOCK_C + chan
             chan_mask = c < C_in_g
@@ -136,7 +136,7 @@ def atom_conv2d_bwd_coeff_kernel(
                 if DY_RESIDENT:
                     dy_t = dy_group
                 else:
-                    dy_t = dot_operand(transposed_grad_output(dy_ptr, dy_pix, pix_mask, group * C_out_g, o, C_out_g,
+                    dy_t = dot_operand(transposed_grad_output(dy_ptr, dy_pix, pix_mask, group * C_out_g, o, o_mask,
                                                               stride_dy_c, WIDE), dtype, INTERPRETED)
                 w_t = w_ptr + ((group * C_out_g + o) * w_row)[:, None] + (chunk * M_DOT * BLOCK_C + dz_cols)[None, :]
                 for m in tl.static_range(0, M, WIDE_ATOMS):
@@ -212,12 +212,12 @@ def atom_conv2d_bwd_coeff_kernel(
 
 
 @triton.jit
-def transposed_grad_output(dy_ptr, dy_pix, pix_mask, first_channel, o, C_out_g, stride_dy_c, WIDE: tl.constexpr):
+def transposed_grad_output(dy_ptr, dy_pix, pix_mask, first_channel, o, o_mask, stride_dy_c, WIDE: tl.constexpr):
     """dyᵀ [COLUMNS, BLOCK_O] of output channels first_channel + o (o [BLOCK_O] inside the group,
-    zero from C_out_g on) at each column's pixel (dy_pix, zero where pix_mask is false), loaded as
-    such: pixels are the contiguous (coalesced) axis."""
+    zero where o_mask is false) at each column's pixel (dy_pix, zero where pix_mask is false),
+    loaded as such: pixels are the contiguous (coalesced) axis."""
     return tl.load(dy_ptr + dy_pix[:, None] + offset(first_channel + o, stride_dy_c, WIDE)[None, :],
-                   mask=pix_mask[:, None] & (o < C_out_g)[None, :], other=0.0)
+                   mask=pix_mask[:, None] & o_mask[None, :], other=0.0)
 
 
 @triton.jit
@@ -532,7 +532,7 @@ def coeff_grad_launch(x, atom_coeff, bases, weight, grad_y, dcoeff, dbases, geo:
         **strides("stride_dcoeff", "nchw", dcoeff), **_shape_args(geo),
         BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
         M_DOT=_m_dot(geo, launch), WIDE_ATOMS=wide_dot_atoms(geo, launch, x.dtype), BASES_GRAD=dbases is not None,
-        EVEN_C=(geo.in_channels // geo.groups) % launch.BLOCK_C == 0, DY_RESIDENT=dy_resident(geo, launch),
+        EVEN_C=even_chunks(geo, launch), DY_RESIDENT=dy_resident(geo, launch),
         FLAT_DY=pixel_run(grad_y),
         WIDE=needs_wide_offsets(x, atom_coeff, grad_y, dcoeff),
         DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,
@@ -548,7 +548,6 @@ def weight_grad_launch(x, atom_coeff, bases, grad_y, dweight_partials, geo: Atom
                        launch: TileLaunch) -> Launch:
     """The dα kernel's launch; the split count is dweight_partials.shape[0]."""
     splits = dweight_partials.shape[0]
-    c_in_g = geo.in_channels // geo.groups
     programs_per_split = weight_grad_programs(geo, launch, x.dtype)
     launching.check_int32_indexing("H_out*W_out", geo.out_size[0] * geo.out_size[1], launch.BLOCK_P,
                                    programs_per_split * splits)
@@ -560,7 +559,7 @@ def weight_grad_launch(x, atom_coeff, bases, grad_y, dweight_partials, geo: Atom
         SPLITS=splits, **_shape_args(geo),
         BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
         M_DOT=_m_dot(geo, launch), WIDE_ATOMS=wide_dot_atoms(geo, launch, x.dtype),
-        CHUNKS=weight_grad_chunks(geo, launch, x.dtype), EVEN_C=c_in_g % launch.BLOCK_C == 0,
+        CHUNKS=weight_grad_chunks(geo, launch, x.dtype), EVEN_C=even_chunks(geo, launch),
         FLAT_DY=pixel_run(grad_y),
         WIDE=needs_wide_offsets(x, atom_coeff, grad_y), DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,
     )
@@ -581,8 +580,8 @@ def input_grad_launch(atom_coeff, bases, weight, grad_y, dx, geo: AtomConvGeomet
         **strides("stride_dy", "nchw", grad_y), **strides("stride_coeff", "nchw", atom_coeff),
         **strides("stride_bases", "lhw", bases), **strides("stride_dx", "nchw", dx), **_shape_args(geo),
         BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
-        ATOMS_PER_DOT=launch.ATOMS_PER_DOT, ROW_PASSES=row_passes(geo), EVEN_C=c_out_g % launch.BLOCK_C == 0,
-        FLAT_DX=pixel_run(dx),
+        ATOMS_PER_DOT=launch.ATOMS_PER_DOT, ROW_PASSES=row_passes(geo),
+        EVEN_C=even_chunks(geo, launch, transposed=True), FLAT_DX=pixel_run(dx),
         UNIT_STRIDE=geo.stride == (1, 1), WIDE=needs_wide_offsets(grad_y, atom_coeff, dx),
         DOT_PRECISION=dot_precision(dx.dtype), INTERPRETED=INTERPRETING,
     )
@@ -661,7 +660,7 @@ def launch_coeff_grad(grad_y, x, atom_coeff, bases, weight, geo: AtomConvGeometr
     kernel = "atom_conv2d_bwd_coeff_bases" if bases_grad else "atom_conv2d_bwd_coeff"
     arch = arch_of(x.device)
     config = config or tuned_config(
-        kernel, x, geo, tile_candidates(), default_config(x.dtype, arch),
+        kernel, x, geo, tile_candidates(), default_config(),
         run=lambda c: launch_coeff_grad(grad_y, x, atom_coeff, bases, weight, geo, bases_grad=bases_grad, config=c),
         footprint=lambda c: coeff_grad_footprint(fit_tile_config(c, geo), geo, x.dtype, arch, bases_grad))
     launch = fit_tile_config(config, geo)
@@ -681,7 +680,7 @@ def launch_weight_grad(grad_y, x, atom_coeff, bases, weight, geo: AtomConvGeomet
     `splits` the number of programs that share the pixel reduction of one α tile."""
     arch = arch_of(x.device)
     config = config or tuned_config(
-        "atom_conv2d_bwd_weight", x, geo, tile_candidates(), default_config(x.dtype, arch),
+        "atom_conv2d_bwd_weight", x, geo, tile_candidates(), default_config(),
         run=lambda c: launch_weight_grad(grad_y, x, atom_coeff, bases, weight, geo, config=c, splits=splits),
         footprint=lambda c: weight_grad_footprint(fit_tile_config(c, geo), geo, x.dtype, arch))
     launch = fit_tile_config(config, geo)
@@ -702,7 +701,7 @@ def launch_input_grad(grad_y, x, atom_coeff, bases, weight, geo: AtomConvGeometr
     dx = torch.empty_like(x, memory_format=output_layout(x))
     arch = arch_of(x.device)
     config = config or tuned_config(
-        "atom_conv2d_bwd_input", x, geo, tile_candidates(), default_config(x.dtype, arch),
+        "atom_conv2d_bwd_input", x, geo, tile_candidates(), default_config(),
         run=lambda c: launch_input_grad(grad_y, x, atom_coeff, bases, weight, geo, config=c),
         footprint=lambda c: input_grad_footprint(input_grad_tile_launch(c, geo), geo, x.dtype, arch))
     if dx.numel():

@@ -39,8 +39,8 @@ import autotune_cache
 from atomconv.validation import AtomConvGeometry, output_layout, validate_atom_conv2d
 
 from . import launch as launching
-from .configs import (TileConfig, TileLaunch, arch_of, fit_tile_config, row_passes, tile_candidates, default_config,
-                      tuned_config)
+from .configs import (TileConfig, TileLaunch, arch_of, even_chunks, fit_tile_config, row_passes, tile_candidates,
+                      default_config, tuned_config)
 from .launch import INTERPRETING, Launch, check_runnable, dot_precision, pixel_run, needs_wide_offsets, strides
 from .tiles import (atom_l1_bound_by_bases, atom_times_features, coefficient_sum, offset, pixel_atoms, pixel_offset,
                     pixel_tile, pow2_scale, scaled_atoms, scaled_to_unit_l1, tap_geometry)
@@ -170,7 +170,7 @@ def forward_kernel_args(x, atom_coeff, bases, weight, bias, y, geo: AtomConvGeom
         stride_bias=0 if bias is None else bias.stride(0), **strides("stride_y", "nchw", y),
         M=geo.num_atoms, L=geo.num_bases, KH=kh, KW=kw,
         BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
-        ATOMS_PER_DOT=launch.ATOMS_PER_DOT, ROW_PASSES=row_passes(geo), EVEN_C=c_in_g % launch.BLOCK_C == 0,
+        ATOMS_PER_DOT=launch.ATOMS_PER_DOT, ROW_PASSES=row_passes(geo), EVEN_C=even_chunks(geo, launch),
         FLAT_Y=pixel_run(y),
         WIDE=needs_wide_offsets(x, atom_coeff, y),
         DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,
@@ -237,7 +237,7 @@ def launch_forward(x, atom_coeff, bases, weight, bias, geo: AtomConvGeometry, *,
     if config is None:
         arch = arch_of(x.device)
         config = tuned_config(
-            "atom_conv2d_fwd", x, geo, tile_candidates(), default_config(x.dtype, arch),
+            "atom_conv2d_fwd", x, geo, tile_candidates(), default_config(),
             run=lambda c: launch_forward(x, atom_coeff, bases, weight, bias, geo, config=c),
             footprint=lambda c: forward_footprint(forward_tile_launch(c, geo), geo, x.dtype, arch,
                                                   by_rows=row_passes(geo)),

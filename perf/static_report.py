@@ -117,12 +117,12 @@ def kernel_launch(kernel: str, problem: dict, dtype: torch.dtype, config: config
 
 def kernel_launches(problem: dict, direction: str, dtype: torch.dtype, arch: str) -> list[launch.Launch]:
     """Every Triton launch of one forward or one backward (`direction`) of `problem` (a dict as
-    PROBLEM), as the launchers make them with the default config of (dtype, arch), which they
-    use where no tuning data exists. The backward is `AtomConv2d`'s: dx, dβ and dα (its bases are
+    PROBLEM), as the launchers make them with the default config (`configs.default_config`), which
+    they use where no tuning data exists. The backward is `AtomConv2d`'s: dx, dβ and dα (its bases are
     a buffer, so no dΨ). Besides these launches the launchers run torch ops the model cannot see:
     `pack_weight` (a copy of α, a few KB), the sum of dα's partials (splits x |α| floats) and d
     bias (a sum over dy, |y| bytes read)."""
-    config = configs.default_config(dtype, arch)
+    config = configs.default_config()
     kernels = {"forward": ("atom_conv2d_fwd",),
                "backward": ("atom_conv2d_bwd_input", "atom_conv2d_bwd_coeff", "atom_conv2d_bwd_weight")}
     if direction not in kernels:
@@ -163,7 +163,7 @@ def record(kernel: str, arch: str, dtype: torch.dtype, config: configs.TileConfi
     compiled = compile_launch(kernel_launch(kernel, problem_at(kernel_size), dtype, config), arch)
     return {
         "kernel": kernel, "arch": arch, "dtype": str(dtype).removeprefix("torch."), "config": config.as_dict(),
-        "default": config == configs.default_config(dtype, arch), "shared_bytes": compiled["shared_bytes"],
+        "default": config == configs.default_config(), "shared_bytes": compiled["shared_bytes"],
         "registers": compiled["registers"], "spill_bytes": compiled["spill_bytes"],
         "mma": len(MMA_OPCODES.findall(compiled["sass"])), "triton": triton.__version__, "kernel_size": kernel_size,
     }
@@ -185,7 +185,7 @@ def build_report(archs=configs.ARCHS, dtypes=configs.KERNEL_DTYPES, kernel_sizes
                       f"{', '.join(archs)} ({len(variants)} variants so far)", file=sys.stderr, flush=True)
                 for config in configs.tile_candidates():
                     for arch in archs:
-                        default = config == configs.default_config(dtype, arch)
+                        default = config == configs.default_config()
                         if default or (not defaults_only and kernel_size in CANDIDATE_KERNEL_SIZES):
                             variants.append((kernel, arch, dtype, config, kernel_size))
     if jobs == 1:

@@ -38,7 +38,7 @@ from perf import static_report
 
 GPU = "nvidia-test-gpu"
 KERNEL = "atom_conv2d_fwd"
-DEFAULT = default_config(torch.float16, "sm_90")
+DEFAULT = default_config()
 CANDIDATES = tile_candidates()
 # Three distinct candidates to store in tables and learned files.
 LEARNED, TABLED, NEAR = [c for c in CANDIDATES if c != DEFAULT][:3]
@@ -314,7 +314,7 @@ def test_spilling_configs_come_from_static_report_records():
 
 def test_real_forward_candidates_on_a_tiny_problem_prune_to_a_few_launches():
     candidates = tile_candidates()
-    assert candidates[0] == default_config(torch.float16, "sm_80")
+    assert candidates[0] == default_config()
 
     def kept_on(out_channels):
         x, beta, bases = torch.empty(1, 4, 5, 5), torch.empty(1, 12, 5, 5), torch.empty(4, 3, 3)
@@ -615,7 +615,7 @@ def test_the_forward_kernel_runs_with_the_config_the_cache_learns(tmp_path, fake
         outputs[config] = launch_forward(x, beta, bases, weight, bias, geo, config=config)
         return fake_ms(config)
 
-    default = default_config(torch.float32, "sm_80")
+    default = default_config()
     chosen = AutotuneCache(tmp_path / "cache", tmp_path / "tables").get_config(
         KERNEL, device=CPU, dtype=torch.float32, shape=layer_shape(geo), candidates=tile_candidates(),
         default=default, benchmark=benchmark,

@@ -258,7 +258,7 @@ def test_taps_split_over_tap_groups(problem, dtype):
     kernel, stride, padding, dilation, groups = problem
     tensors, kwargs = make_problem(2, 4, 6, (9, 8), kernel, stride, padding, dilation, groups, num_atoms=6, num_bases=5)
     geo = validate_atom_conv2d(*tensors, **kwargs)
-    default = configs.default_config(dtype, "sm_80")
+    default = configs.default_config()
     assert configs.fit_tile_config(default, geo).TAP_GROUPS > 1
     by_rows = configs.row_passes(geo)
     assert by_rows == (problem[0] != (3, 11))

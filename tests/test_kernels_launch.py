@@ -179,7 +179,7 @@ def test_tuning_times_under_a_guard_for_the_inputs_device(monkeypatch):
     from atomconv.validation import validate_atom_conv2d
 
     geo = validate_atom_conv2d(*tensors, **kwargs)
-    default = configs.default_config(torch.float32, "sm_80")
+    default = configs.default_config()
     assert configs.tuned_config("atom_conv2d_fwd", x.float(), geo, [default], default, run=lambda c: None) == default
     assert timed == [[x.device]]
 

@@ -71,7 +71,7 @@ def test_float16_rows_of_taps_share_one_scale_per_pixel():
     inputs = [t.to(DEVICE, torch.float16) for t in (x, atom_coeff, bases, weight)]
     kwargs, grad_y = GEOMETRY | dict(padding=2), torch.ones(n, c_out, *hw).to(DEVICE, torch.float16)
     geo = validate_atom_conv2d(*inputs, None, **kwargs)
-    default = configs.default_config(torch.float16, "sm_80")
+    default = configs.default_config()
     assert configs.row_passes(geo) and backward.input_grad_tile_launch(default, geo).TAP_GROUPS == 1
     y, grads = fused(inputs, kwargs, grad_y)
     expected_y, expected_grads = reference(inputs, kwargs, grad_y)

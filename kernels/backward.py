@@ -64,7 +64,7 @@ from . import launch as launching
 from .configs import (TileConfig, TileLaunch, arch_of, even_chunks, fit_tile_config, pow2_at_least, row_passes,
                       tile_candidates, default_config, tuned_config, weight_grad_chunks, weight_grad_programs,
                       weight_grad_splits)
-from .forward import forward_footprint, pack_weight
+from .forward import forward_footprint, pack_weight, pack_weight_rows
 from .launch import INTERPRETING, Launch, check_runnable, dot_precision, pixel_run, needs_wide_offsets, strides
 from .tiles import (add_at, atom_l1_bound, atom_times_features, basis_at_tap, basis_coefficients, coefficient_sum,
                     column_blocks, column_tap, columns_tile, dot_operand, existing_taps_only, joined_columns, offset,
@@ -89,7 +89,7 @@ def atom_conv2d_bwd_coeff_kernel(
     INTERPRETED: tl.constexpr,
 ):
     """x [N, C_in, H, W], β (coeff) [N, M*L, H_out, W_out], Ψ (bases) [L, KH, KW], α (w) packed
-    like the forward's (`pack_weight`, M_DOT atoms per chunk), dy [N, C_out, H_out, W_out] ->
+    by rows (`pack_weight_rows`, M_DOT atoms per chunk), dy [N, C_out, H_out, W_out] ->
     dβ (dcoeff) [N, M*L, H_out, W_out] and, if BASES_GRAD, dΨ partials (dbases) [programs, L,
     KH*KW] float32 contiguous. Any strides elsewhere (dy may be an expanded, stride-0 tensor).
 
@@ -237,7 +237,7 @@ def atom_conv2d_bwd_weight_kernel(
 ):
     """x [N, C_in, H, W], β (coeff) [N, M*L, H_out, W_out], Ψ (bases) [L, KH, KW],
     dy [N, C_out, H_out, W_out], any strides -> dα partials (dw) [SPLITS, C_out,
-    cdiv(C_in_g, BLOCK_C), M_DOT, BLOCK_C] float32 contiguous, packed like `pack_weight`:
+    cdiv(C_in_g, BLOCK_C), M_DOT, BLOCK_C] float32 contiguous, packed like `pack_weight_rows`:
     split s holds Σ over pixel tiles s, s + SPLITS, ... of dy @ Zᵀ. Columns that are padding
     (channels past the group, atoms past M) hold garbage; the launcher drops them. EVEN_C:
     C_in_g is a multiple of BLOCK_C.
@@ -371,7 +371,8 @@ def atom_conv2d_bwd_input_kernel(
     c = pid_c * BLOCK_O + tl.arange(0, BLOCK_O)
     c_mask = c < C_in_g
     M_DOT: tl.constexpr = (M + ATOMS_PER_DOT - 1) // ATOMS_PER_DOT * ATOMS_PER_DOT
-    w_rows = (group * C_in_g + c) * (tl.cdiv(C_out_g, BLOCK_C) * M_DOT * BLOCK_C)
+    w_ptr += pid_gc * (M_DOT * BLOCK_O * BLOCK_C)  # this tile's α of the first chunk (`pack_weight`)
+    w_chunk = G * num_c_tiles * (M_DOT * BLOCK_O * BLOCK_C)  # and the next chunk's, that many elements on
     acc = tl.zeros([BLOCK_O, BLOCK_P], dtype=tl.float32)
     # float16: the atoms of every pass scaled by one power of two per pixel (the module doc of
     # `tiles`), the smallest any pass has needed so far (a pass that needs a smaller one first
@@ -380,18 +381,18 @@ def atom_conv2d_bwd_input_kernel(
     if ROW_PASSES:
         for i in range(KH):
             acc, scale, inverse_scale = input_grad_taps(
-                acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr + i * stride_bases_h, w_ptr, w_rows, c_mask,
-                ih, iw, q_mask, H_out, W_out, C_out_g, SH, SW, PH - i * DH, PW, DH, DW, stride_dy_c, stride_dy_h,
+                acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr + i * stride_bases_h, w_ptr, w_chunk, ih,
+                iw, q_mask, H_out, W_out, C_out_g, SH, SW, PH - i * DH, PW, DH, DW, stride_dy_c, stride_dy_h,
                 stride_dy_w, stride_coeff_c, stride_coeff_h, stride_coeff_w, stride_bases_l, stride_bases_h,
-                stride_bases_w, M, L, 1, KW, 1, BLOCK_P, BLOCK_C, M_DOT, ATOMS_PER_DOT, EVEN_C, UNIT_STRIDE,
-                True, dx_ptr.dtype.element_ty == tl.float16, WIDE, DOT_PRECISION, INTERPRETED)
+                stride_bases_w, M, L, 1, KW, 1, BLOCK_P, BLOCK_C, ATOMS_PER_DOT, EVEN_C, UNIT_STRIDE, True,
+                dx_ptr.dtype.element_ty == tl.float16, WIDE, DOT_PRECISION, INTERPRETED)
     else:
         acc, scale, inverse_scale = input_grad_taps(
-            acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr, w_ptr, w_rows, c_mask, ih, iw, q_mask, H_out,
-            W_out, C_out_g, SH, SW, PH, PW, DH, DW, stride_dy_c, stride_dy_h, stride_dy_w, stride_coeff_c,
-            stride_coeff_h, stride_coeff_w, stride_bases_l, stride_bases_h, stride_bases_w, M, L, KH, KW, TAP_GROUPS,
-            BLOCK_P, BLOCK_C, M_DOT, ATOMS_PER_DOT, EVEN_C, UNIT_STRIDE, False, dx_ptr.dtype.element_ty == tl.float16,
-            WIDE, DOT_PRECISION, INTERPRETED)
+            acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr, w_ptr, w_chunk, ih, iw, q_mask, H_out, W_out,
+            C_out_g, SH, SW, PH, PW, DH, DW, stride_dy_c, stride_dy_h, stride_dy_w, stride_coeff_c, stride_coeff_h,
+            stride_coeff_w, stride_bases_l, stride_bases_h, stride_bases_w, M, L, KH, KW, TAP_GROUPS, BLOCK_P, BLOCK_C,
+            ATOMS_PER_DOT, EVEN_C, UNIT_STRIDE, False, dx_ptr.dtype.element_ty == tl.float16, WIDE, DOT_PRECISION,
+            INTERPRETED)
 
     if dx_ptr.dtype.element_ty == tl.float16:
         acc *= inverse_scale[None, :]
@@ -403,16 +404,17 @@ def atom_conv2d_bwd_input_kernel(
 
 
 @triton.jit
-def input_grad_taps(acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr, w_ptr, w_rows, c_mask, ih, iw, q_mask,
-                    H_out, W_out, C_out_g, SH, SW, PH, PW, DH, DW, stride_dy_c, stride_dy_h, stride_dy_w,
-                    stride_coeff_c, stride_coeff_h, stride_coeff_w, stride_bases_l, stride_bases_h, stride_bases_w,
+def input_grad_taps(acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr, w_ptr, w_chunk, ih, iw, q_mask, H_out,
+                    W_out, C_out_g, SH, SW, PH, PW, DH, DW, stride_dy_c, stride_dy_h, stride_dy_w, stride_coeff_c,
+                    stride_coeff_h, stride_coeff_w, stride_bases_l, stride_bases_h, stride_bases_w,
                     M: tl.constexpr, L: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TAP_GROUPS: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, M_DOT: tl.constexpr, ATOMS_PER_DOT: tl.constexpr,
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ATOMS_PER_DOT: tl.constexpr,
                     EVEN_C: tl.constexpr, UNIT_STRIDE: tl.constexpr, RESCALE: tl.constexpr, SCALED: tl.constexpr,
                     WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     """The dx kernel's stages 1-3 for the KH x KW taps of Ψ (bases_ptr) and padding PH, every
     output-channel chunk: (acc, scale, inverse_scale) with acc [BLOCK_O, BLOCK_P] += Σ_o,m α U.
-    dy_ptr and coeff_ptr [COLUMNS] are at each column's sample (dy at the group's first channel).
+    dy_ptr and coeff_ptr [COLUMNS] are at each column's sample (dy at the group's first channel);
+    w_ptr at the first chunk's α of the program's tile, the next w_chunk elements on.
     SCALED (float16): the atoms are scaled by the smaller of scale and their own `pow2_scale`,
     which becomes the new scale; RESCALE: acc (from earlier passes) is brought to it first.
     UNIT_STRIDE: SH == SW == 1, so the output pixel that reads q through a tap is q shifted by a
@@ -470,8 +472,8 @@ def input_grad_taps(acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr, w_p
         u = atom_times_features(dy_ptr + offset(chunk * BLOCK_C, stride_dy_c, WIDE) + dy_pix, stride_dy_c,
                                 C_out_g - chunk * BLOCK_C, (dy_taps, (0,) * PER_GROUP, tap_masks), atoms, M,
                                 PER_GROUP, EVEN_C, BLOCK_C, COLUMNS, WIDE)
-        acc = coefficient_sum(acc, u, w_ptr + chunk * (M_DOT * BLOCK_C), w_rows, c_mask, o_mask, M, EVEN_C,
-                              ATOMS_PER_DOT, TAP_GROUPS, BLOCK_C, BLOCK_P, DOT_PRECISION, INTERPRETED)
+        acc = coefficient_sum(acc, u, w_ptr + chunk * w_chunk, o_mask, M, EVEN_C, ATOMS_PER_DOT, TAP_GROUPS,
+                              BLOCK_C, BLOCK_P, DOT_PRECISION, INTERPRETED)
     return acc, scale, inverse_scale
 
 
@@ -525,8 +527,8 @@ def coeff_grad_launch(x, atom_coeff, bases, weight, grad_y, dcoeff, dbases, geo:
     programs = launching.pixel_tiles(geo.batch, geo.out_size[0] * geo.out_size[1], launch.BLOCK_P)
     launching.check_int32_indexing("H_out*W_out", geo.out_size[0] * geo.out_size[1], launch.BLOCK_P, programs)
     args = dict(
-        x_ptr=x, coeff_ptr=atom_coeff, bases_ptr=bases, w_ptr=pack_weight(weight, launch), dy_ptr=grad_y,
-        dcoeff_ptr=dcoeff, dbases_ptr=dbases, **_geometry_args(geo),
+        x_ptr=x, coeff_ptr=atom_coeff, bases_ptr=bases, w_ptr=pack_weight_rows(weight, launch),
+        dy_ptr=grad_y, dcoeff_ptr=dcoeff, dbases_ptr=dbases, **_geometry_args(geo),
         **strides("stride_x", "nchw", x), **strides("stride_coeff", "nchw", atom_coeff),
         **strides("stride_bases", "lhw", bases), **strides("stride_dy", "nchw", grad_y),
         **strides("stride_dcoeff", "nchw", dcoeff), **_shape_args(geo),
@@ -602,11 +604,11 @@ def pack_transposed_weight(weight: torch.Tensor, groups: int, launch: TileLaunch
     c_out, c_in_g, m = weight.shape
     c_out_g = c_out // groups
     transposed = weight.view(groups, c_out_g, c_in_g, m).transpose(1, 2).reshape(groups * c_in_g, c_out_g, m)
-    return pack_weight(transposed, launch)
+    return pack_weight(transposed, groups, launch)
 
 
 def unpack_weight(packed: torch.Tensor, c_in_g: int, num_atoms: int) -> torch.Tensor:
-    """Inverse of `pack_weight`: [C_out, chunks, M_DOT, BLOCK_C] -> [C_out, C_in_g, M]."""
+    """Inverse of `pack_weight_rows`: [C_out, chunks, M_DOT, BLOCK_C] -> [C_out, C_in_g, M]."""
     c_out, chunks, m_dot, block_c = packed.shape
     return packed.transpose(2, 3).reshape(c_out, chunks * block_c, m_dot)[:, :c_in_g, :num_atoms]
 

@@ -16,9 +16,11 @@ Only y is written: atoms, taps and Z live in registers (and the dot operands in 
 KH, KW, L and M are compile-time constants (one compiled variant per layer shape), so tap and
 basis loops unroll and each tap's address is the row pointer plus a constant.
 
-α is repacked by the launcher (`pack_weight`, a few KB, one torch copy) into [C_out, chunks,
-M_DOT, BLOCK_C]: each program then reads the α block of a chunk and atom as contiguous rows
-with wide loads, zeros standing in for padded channels and atoms.
+α is repacked by the launcher (`pack_weight`, a few KB, one torch copy) into one contiguous
+block [M_DOT, BLOCK_O, BLOCK_C] per chunk and output-channel tile: a dot reads its tile of α in
+whole 128-byte lines, at offsets known at compile time (a warp-wide load of rows a chunk row
+apart touched 16 lines for 4 lines' worth), zeros standing in for padded rows, channels and
+atoms.
 
 Numerics: in float16 each pixel's atoms are first scaled by a power of two that bounds their L1
 norm by 1, so Z cannot overflow (|Z| <= max |x|); the accumulator is scaled back before the bias
@@ -62,7 +64,8 @@ def atom_conv2d_fwd_kernel(
     WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """x [N, C_in, H, W], β (coeff) [N, M*L, H_out, W_out], Ψ (bases) [L, KH, KW], α (w) packed
-    [C_out, cdiv(C_in_g, BLOCK_C), M_DOT, BLOCK_C] contiguous (`pack_weight`), bias [C_out] or
+    [cdiv(C_in_g, BLOCK_C), G, cdiv(C_out_g, BLOCK_O), M_DOT, BLOCK_O, BLOCK_C] contiguous
+    (`pack_weight`), bias [C_out] or
     None -> y [N, C_out, H_out, W_out]; x, β, Ψ, bias and y with any strides.
 
     1-D grid of cdiv(N*H_out*W_out, BLOCK_P) * G * cdiv(C_out_g, BLOCK_O) programs; the
@@ -90,7 +93,8 @@ def atom_conv2d_fwd_kernel(
     o_mask = o < C_out_g
     num_chunks = tl.cdiv(C_in_g, BLOCK_C)
     M_DOT: tl.constexpr = (M + ATOMS_PER_DOT - 1) // ATOMS_PER_DOT * ATOMS_PER_DOT
-    w_rows = (group * C_out_g + o) * (num_chunks * M_DOT * BLOCK_C)
+    w_ptr += pid_go * (M_DOT * BLOCK_O * BLOCK_C)  # this tile's α of the first chunk (`pack_weight`)
+    w_chunk = G * num_o_tiles * (M_DOT * BLOCK_O * BLOCK_C)  # and the next chunk's, that many elements on
     x_col = offset(ow * SW - PW, stride_x_w, WIDE)  # of each pixel's window corner
     acc = tl.zeros([BLOCK_O, BLOCK_P], dtype=tl.float32)
     if ROW_PASSES:
@@ -107,9 +111,9 @@ def atom_conv2d_fwd_kernel(
             taps = tap_geometry(oh, ow, pix_mask, H, W, SH, SW, PH - i * DH, PW, DH, DW, stride_x_h, stride_x_w, 1,
                                 KW, 1, BLOCK_P, WIDE)
             x_row = x_ptr + offset(oh * SH - PH + i * DH, stride_x_h, WIDE) + x_col
-            acc = chunks_times_coefficients(acc, x_row, stride_x_c, C_in_g, num_chunks, taps, atoms, w_ptr, w_rows,
-                                            o_mask, M, M_DOT, KW, EVEN_C, ATOMS_PER_DOT, 1, BLOCK_C, BLOCK_P, WIDE,
-                                            DOT_PRECISION, INTERPRETED)
+            acc = chunks_times_coefficients(acc, x_row, stride_x_c, C_in_g, num_chunks, taps, atoms, w_ptr, w_chunk,
+                                            M, KW, EVEN_C, ATOMS_PER_DOT, 1, BLOCK_C, BLOCK_P,
+                                            WIDE, DOT_PRECISION, INTERPRETED)
     else:
         atoms = pixel_atoms(coeff_ptr, coeff_pix, pix_mask, stride_coeff_c, bases_ptr, stride_bases_l, stride_bases_h,
                             stride_bases_w, M, L, KH, KW, TAP_GROUPS, BLOCK_P, WIDE)
@@ -118,9 +122,9 @@ def atom_conv2d_fwd_kernel(
         taps = tap_geometry(oh, ow, pix_mask, H, W, SH, SW, PH, PW, DH, DW, stride_x_h, stride_x_w, KH, KW,
                             TAP_GROUPS, BLOCK_P, WIDE)
         x_corner = x_ptr + offset(oh * SH - PH, stride_x_h, WIDE) + x_col
-        acc = chunks_times_coefficients(acc, x_corner, stride_x_c, C_in_g, num_chunks, taps, atoms, w_ptr, w_rows,
-                                        o_mask, M, M_DOT, PER_GROUP, EVEN_C, ATOMS_PER_DOT, TAP_GROUPS, BLOCK_C,
-                                        BLOCK_P, WIDE, DOT_PRECISION, INTERPRETED)
+        acc = chunks_times_coefficients(acc, x_corner, stride_x_c, C_in_g, num_chunks, taps, atoms, w_ptr, w_chunk,
+                                        M, PER_GROUP, EVEN_C, ATOMS_PER_DOT, TAP_GROUPS,
+                                        BLOCK_C, BLOCK_P, WIDE, DOT_PRECISION, INTERPRETED)
 
     if y_ptr.dtype.element_ty == tl.float16:
         acc *= inverse_scale[None, :]
@@ -134,22 +138,23 @@ def atom_conv2d_fwd_kernel(
 
 
 @triton.jit
-def chunks_times_coefficients(acc, x_ptrs, stride_x_c, C_in_g, num_chunks, taps, atoms, w_ptr, w_rows, o_mask,
-                              M: tl.constexpr, M_DOT: tl.constexpr, PER_GROUP: tl.constexpr, EVEN_C: tl.constexpr,
+def chunks_times_coefficients(acc, x_ptrs, stride_x_c, C_in_g, num_chunks, taps, atoms, w_ptr, w_chunk,
+                              M: tl.constexpr, PER_GROUP: tl.constexpr, EVEN_C: tl.constexpr,
                               ATOMS_PER_DOT: tl.constexpr, TAP_GROUPS: tl.constexpr, BLOCK_C: tl.constexpr,
                               BLOCK_P: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                               INTERPRETED: tl.constexpr):
     """Stages 2 and 3 over every channel chunk of the group: acc [BLOCK_O, BLOCK_P] += Σ_c,m α Z for
     the taps that `taps` and `atoms` give (x_ptrs [COLUMNS] at x[n, the group's first channel,
-    oh*SH - PH, ow*SW - PW], the corner of each pixel's window)."""
+    oh*SH - PH, ow*SW - PW], the corner of each pixel's window; w_ptr at the first chunk's α of
+    the program's tile, the next w_chunk elements on, `pack_weight`)."""
     chan = tl.arange(0, BLOCK_C)
     for chunk in range(num_chunks):
         chan_mask = chunk * BLOCK_C + chan < C_in_g
         z = atom_times_features(x_ptrs + offset(chunk * BLOCK_C, stride_x_c, WIDE), stride_x_c,
                                 C_in_g - chunk * BLOCK_C, taps, atoms, M, PER_GROUP, EVEN_C, BLOCK_C,
                                 TAP_GROUPS * BLOCK_P, WIDE)
-        acc = coefficient_sum(acc, z, w_ptr + chunk * (M_DOT * BLOCK_C), w_rows, o_mask, chan_mask, M, EVEN_C,
-                              ATOMS_PER_DOT, TAP_GROUPS, BLOCK_C, BLOCK_P, DOT_PRECISION, INTERPRETED)
+        acc = coefficient_sum(acc, z, w_ptr + chunk * w_chunk, chan_mask, M, EVEN_C, ATOMS_PER_DOT, TAP_GROUPS,
+                              BLOCK_C, BLOCK_P, DOT_PRECISION, INTERPRETED)
     return acc
 
 
@@ -160,7 +165,7 @@ def forward_kernel_args(x, atom_coeff, bases, weight, bias, y, geo: AtomConvGeom
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geo.kernel_size, geo.stride, geo.padding, geo.dilation
     c_in_g = geo.in_channels // geo.groups
     return dict(
-        x_ptr=x, coeff_ptr=atom_coeff, bases_ptr=bases, w_ptr=pack_weight(weight, launch),
+        x_ptr=x, coeff_ptr=atom_coeff, bases_ptr=bases, w_ptr=pack_weight(weight, geo.groups, launch),
         bias_ptr=bias, y_ptr=y,
         N=geo.batch, H=geo.in_size[0], W=geo.in_size[1], H_out=geo.out_size[0], W_out=geo.out_size[1],
         G=geo.groups, C_in_g=c_in_g, C_out_g=geo.out_channels // geo.groups,
@@ -177,16 +182,36 @@ def forward_kernel_args(x, atom_coeff, bases, weight, bias, y, geo: AtomConvGeom
     )
 
 
-def pack_weight(weight: torch.Tensor, launch: TileLaunch) -> torch.Tensor:
-    """α [C_out, C_in_g, M] -> [C_out, cdiv(C_in_g, BLOCK_C), M_DOT, BLOCK_C] contiguous (M_DOT: M
-    rounded up to ATOMS_PER_DOT), zero where the channel or the atom is padding: the block of
-    chunk j and atom m of row o holds α[o, j*BLOCK_C + c, m] at column c."""
-    c_out, c_in_g, m = weight.shape
+def pack_weight(weight: torch.Tensor, groups: int, launch: TileLaunch) -> torch.Tensor:
+    """α [C_out, C_in_g, M] -> [cdiv(C_in_g, BLOCK_C), G, tiles, M_DOT, BLOCK_O, BLOCK_C]
+    contiguous (tiles = cdiv(C_out_g, BLOCK_O) per group, M_DOT: M rounded up to ATOMS_PER_DOT),
+    zero where the channel, the atom or the row is padding: the block of chunk j, group g, tile t
+    and atom m holds α[g*C_out_g + t*BLOCK_O + i, j*BLOCK_C + c, m] at row i, column c. So what a
+    program reads of one chunk is contiguous, [M_DOT, BLOCK_O, BLOCK_C], and each dot's tile of it
+    is read in whole lines at offsets known at compile time."""
+    rows_g = weight.shape[0] // groups
+    tiles = triton.cdiv(rows_g, launch.BLOCK_O)
+    packed = _zero_padded(weight.view(groups, rows_g, *weight.shape[1:]), tiles * launch.BLOCK_O, launch)
+    g, _, chunks, block_c, m_dot = packed.shape
+    packed = packed.view(g, tiles, launch.BLOCK_O, chunks, block_c, m_dot)
+    return packed.permute(3, 0, 1, 5, 2, 4).contiguous()
+
+
+def pack_weight_rows(weight: torch.Tensor, launch: TileLaunch) -> torch.Tensor:
+    """α [C_out, C_in_g, M] -> [C_out, cdiv(C_in_g, BLOCK_C), M_DOT, BLOCK_C] contiguous, zero where
+    the channel or the atom is padding: row o holds α[o, j*BLOCK_C + c, m] at chunk j, atom m and
+    column c (the dβ kernel's packing: its α tile spans up to 8 atoms of a row)."""
+    return _zero_padded(weight[None], weight.shape[0], launch)[0].transpose(2, 3).contiguous()
+
+
+def _zero_padded(weight: torch.Tensor, rows: int, launch: TileLaunch) -> torch.Tensor:
+    """α per group [G, R, C_in_g, M] -> [G, rows, chunks, BLOCK_C, M_DOT], zeros past R, C_in_g, M."""
+    g, r, c_in_g, m = weight.shape
     chunks = triton.cdiv(c_in_g, launch.BLOCK_C)
     m_dot = launch.ATOMS_PER_DOT * triton.cdiv(m, launch.ATOMS_PER_DOT)
-    packed = weight.new_zeros(c_out, chunks * launch.BLOCK_C, m_dot)
-    packed[:, :c_in_g, :m] = weight
-    return packed.view(c_out, chunks, launch.BLOCK_C, m_dot).transpose(2, 3).contiguous()
+    padded = weight.new_zeros(g, rows, chunks * launch.BLOCK_C, m_dot)
+    padded[:, :r, :c_in_g, :m] = weight
+    return padded.view(g, rows, chunks, launch.BLOCK_C, m_dot)
 
 
 def forward_footprint(launch: TileLaunch, geo: AtomConvGeometry, dtype: torch.dtype, arch: str, *,

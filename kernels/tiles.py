@@ -411,15 +411,14 @@ def stacked_by_group(z, TAP_GROUPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P
 
 
 @triton.jit
-def coefficient_sum(acc, z, w_ptr, w_rows, o_mask, chan_mask, M: tl.constexpr, EVEN_C: tl.constexpr,
+def coefficient_sum(acc, z, w_ptr, chan_mask, M: tl.constexpr, EVEN_C: tl.constexpr,
                     ATOMS_PER_DOT: tl.constexpr, TAP_GROUPS: tl.constexpr, BLOCK_C: tl.constexpr,
                     BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     """Stage 3 for one chunk: acc [BLOCK_O, BLOCK_P] fp32 += Σ_m α_m [BLOCK_O, BLOCK_C] @ Z[m]
     summed over the tap groups, on tensor cores: one dot per atom of α_m repeated per group and
     the stacked Z (`stacked_by_group`), z the rows of Z (`atom_times_features`). w_ptr points at
-    the chunk's block of the packed α
-    (`forward.pack_weight`: atom m's BLOCK_C columns start m*BLOCK_C in), w_rows [BLOCK_O] are
-    the offsets of the tile's rows (o_mask: rows inside the group). A 16-bit dot reduces over at
+    the chunk's α of the tile, [M_DOT, BLOCK_O, BLOCK_C] contiguous (`forward.pack_weight`, zero
+    in padding rows, so the loads need no mask). A 16-bit dot reduces over at
     least 16: when TAP_GROUPS * BLOCK_C is fewer, a dot takes ATOMS_PER_DOT = 2 atoms at once (zero
     rows stand in for the partner of the last of an odd M; its packed α columns are zero).
 
@@ -427,8 +426,10 @@ def coefficient_sum(acc, z, w_ptr, w_rows, o_mask, chan_mask, M: tl.constexpr, E
     are zeroed first: their zero α would turn an Inf there (an Inf atom times 0) into NaN.
     """
     dtype: tl.constexpr = w_ptr.dtype.element_ty
+    BLOCK_O: tl.constexpr = acc.shape[0]
     PER_DOT: tl.constexpr = ATOMS_PER_DOT
     ROWS: tl.constexpr = TAP_GROUPS * BLOCK_C
+    w_rows = tl.arange(0, BLOCK_O) * BLOCK_C
     columns = tl.arange(0, PER_DOT * ROWS)  # of α: atom columns // ROWS, channel columns % BLOCK_C
     for k in tl.static_range(0, M, PER_DOT):
         if PER_DOT == 1:
@@ -442,11 +443,8 @@ def coefficient_sum(acc, z, w_ptr, w_rows, o_mask, chan_mask, M: tl.constexpr, E
         if not EVEN_C:
             rows_ok = tl.reshape(tl.broadcast_to(chan_mask[None, :], [PER_DOT * TAP_GROUPS, BLOCK_C]), [PER_DOT * ROWS])
             operand = tl.where(rows_ok[:, None], operand, 0.0)
-        if TAP_GROUPS == 1:
-            w_columns = k * BLOCK_C + columns  # (contiguous: wide loads)
-        else:
-            w_columns = (k + columns // ROWS) * BLOCK_C + columns % BLOCK_C
-        w = tl.load(w_ptr + w_rows[:, None] + w_columns[None, :], mask=o_mask[:, None], other=0.0)
+        w_columns = (k + columns // ROWS) * (BLOCK_O * BLOCK_C) + columns % BLOCK_C
+        w = tl.load(w_ptr + w_rows[:, None] + w_columns[None, :])
         acc = tl.dot(dot_operand(w, dtype, INTERPRETED), dot_operand(operand, dtype, INTERPRETED), acc,
                      input_precision=DOT_PRECISION)
     return acc

@@ -64,7 +64,7 @@ from . import launch as launching
 from .configs import (TileConfig, TileLaunch, arch_of, even_chunks, fit_tile_config, pow2_at_least, row_passes,
                       tile_candidates, default_config, tuned_config, weight_grad_chunks, weight_grad_programs,
                       weight_grad_splits)
-from .forward import forward_footprint, pack_weight, pack_weight_rows
+from .forward import forward_footprint, pack_weight, zero_padded_weight
 from .launch import INTERPRETING, Launch, check_runnable, dot_precision, pixel_run, needs_wide_offsets, strides
 from .tiles import (add_at, atom_l1_bound, atom_times_features, basis_at_tap, basis_coefficients, coefficient_sum,
                     column_blocks, column_tap, columns_tile, dot_operand, existing_taps_only, joined_columns, offset,
@@ -605,6 +605,13 @@ def pack_transposed_weight(weight: torch.Tensor, groups: int, launch: TileLaunch
     c_out_g = c_out // groups
     transposed = weight.view(groups, c_out_g, c_in_g, m).transpose(1, 2).reshape(groups * c_in_g, c_out_g, m)
     return pack_weight(transposed, groups, launch)
+
+
+def pack_weight_rows(weight: torch.Tensor, launch: TileLaunch) -> torch.Tensor:
+    """α [C_out, C_in_g, M] -> [C_out, cdiv(C_in_g, BLOCK_C), M_DOT, BLOCK_C] contiguous, zero where
+    the channel or the atom is padding: row o holds α[o, j*BLOCK_C + c, m] at chunk j, atom m and
+    column c (the dβ kernel's packing: its α tile spans up to 8 atoms of a row)."""
+    return zero_padded_weight(weight[None], weight.shape[0], launch)[0].transpose(2, 3).contiguous()
 
 
 def unpack_weight(packed: torch.Tensor, c_in_g: int, num_atoms: int) -> torch.Tensor:

@@ -191,20 +191,13 @@ def pack_weight(weight: torch.Tensor, groups: int, launch: TileLaunch) -> torch.
     is read in whole lines at offsets known at compile time."""
     rows_g = weight.shape[0] // groups
     tiles = triton.cdiv(rows_g, launch.BLOCK_O)
-    packed = _zero_padded(weight.view(groups, rows_g, *weight.shape[1:]), tiles * launch.BLOCK_O, launch)
+    packed = zero_padded_weight(weight.view(groups, rows_g, *weight.shape[1:]), tiles * launch.BLOCK_O, launch)
     g, _, chunks, block_c, m_dot = packed.shape
     packed = packed.view(g, tiles, launch.BLOCK_O, chunks, block_c, m_dot)
     return packed.permute(3, 0, 1, 5, 2, 4).contiguous()
 
 
-def pack_weight_rows(weight: torch.Tensor, launch: TileLaunch) -> torch.Tensor:
-    """α [C_out, C_in_g, M] -> [C_out, cdiv(C_in_g, BLOCK_C), M_DOT, BLOCK_C] contiguous, zero where
-    the channel or the atom is padding: row o holds α[o, j*BLOCK_C + c, m] at chunk j, atom m and
-    column c (the dβ kernel's packing: its α tile spans up to 8 atoms of a row)."""
-    return _zero_padded(weight[None], weight.shape[0], launch)[0].transpose(2, 3).contiguous()
-
-
-def _zero_padded(weight: torch.Tensor, rows: int, launch: TileLaunch) -> torch.Tensor:
+def zero_padded_weight(weight: torch.Tensor, rows: int, launch: TileLaunch) -> torch.Tensor:
     """α per group [G, R, C_in_g, M] -> [G, rows, chunks, BLOCK_C, M_DOT], zeros past R, C_in_g, M."""
     g, r, c_in_g, m = weight.shape
     chunks = triton.cdiv(c_in_g, launch.BLOCK_C)

@@ -117,8 +117,9 @@ def kernel_launch(kernel: str, problem: dict, dtype: torch.dtype, config: config
 
 def kernel_launches(problem: dict, direction: str, dtype: torch.dtype, arch: str) -> list[launch.Launch]:
     """Every Triton launch of one forward or one backward (`direction`) of `problem` (a dict as
-    PROBLEM), as the launchers make them with the default config (`configs.default_config`), which
-    they use where no tuning data exists. The backward is `AtomConv2d`'s: dx, dβ and dα (its bases are
+    PROBLEM), as the launchers make them with the default config (`configs.default_config`, the
+    same for every arch, so `arch` is the model's contract only), which they use where no tuning
+    data exists. The backward is `AtomConv2d`'s: dx, dβ and dα (its bases are
     a buffer, so no dΨ). Besides these launches the launchers run torch ops the model cannot see:
     `pack_weight` (a copy of α, a few KB), the sum of dα's partials (splits x |α| floats) and d
     bias (a sum over dy, |y| bytes read)."""

@@ -42,8 +42,7 @@ from atomconv.validation import AtomConvGeometry, output_layout, validate_atom_c
 
 from . import launch as launching
 from .configs import (TileConfig, TileLaunch, arch_of, even_chunks, fit_tile_config, row_passes, rows_per_pass,
-                      tile_candidates,
-                      default_config, tuned_config)
+                      tile_candidates, default_config, tuned_config)
 from .launch import INTERPRETING, Launch, check_runnable, dot_precision, pixel_run, needs_wide_offsets, strides
 from .tiles import (atom_l1_bound_by_bases, atom_times_features, coefficient_sum, offset, pixel_atoms, pixel_offset,
                     pixel_tile, pow2_scale, scaled_atoms, scaled_to_unit_l1, tap_geometry)
@@ -105,18 +104,19 @@ def atom_conv2d_fwd_kernel(
             scale, inverse_scale = pow2_scale(atom_l1_bound_by_bases(coeff_ptr, coeff_pix, pix_mask, stride_coeff_c,
                                                                      bases_ptr, stride_bases_l, stride_bases_h,
                                                                      stride_bases_w, M, L, KH, KW, WIDE))
-        for i in range(0, KH - KH % ROWS_PER_PASS, ROWS_PER_PASS):
+        full_rows = KH - KH % ROWS_PER_PASS
+        for i in range(0, full_rows, ROWS_PER_PASS):
             acc = rows_of_taps(acc, i, x_ptr, coeff_ptr, coeff_pix, bases_ptr, w_ptr, w_chunk, oh, ow, pix_mask, x_col,
                                H, W, SH, SW, PH, PW, DH, DW, C_in_g, num_chunks, scale,
                                stride_x_c, stride_x_h, stride_x_w, stride_coeff_c, stride_bases_l, stride_bases_h,
-                               stride_bases_w, M, L, ROWS_PER_PASS, KW, BLOCK_P, BLOCK_C, ATOMS_PER_DOT, EVEN_C, WIDE,
-                               DOT_PRECISION, INTERPRETED)
+                               stride_bases_w, M, L, ROWS_PER_PASS, KW, BLOCK_P, BLOCK_C, ATOMS_PER_DOT, EVEN_C,
+                               WIDE, DOT_PRECISION, INTERPRETED)
         if KH % ROWS_PER_PASS:  # the rows left, as a pass of its own
-            acc = rows_of_taps(acc, KH - KH % ROWS_PER_PASS, x_ptr, coeff_ptr, coeff_pix, bases_ptr, w_ptr, w_chunk, oh, ow,
+            acc = rows_of_taps(acc, full_rows, x_ptr, coeff_ptr, coeff_pix, bases_ptr, w_ptr, w_chunk, oh, ow,
                                pix_mask, x_col, H, W, SH, SW, PH, PW, DH, DW, C_in_g, num_chunks, scale,
                                stride_x_c, stride_x_h, stride_x_w, stride_coeff_c, stride_bases_l, stride_bases_h,
-                               stride_bases_w, M, L, KH % ROWS_PER_PASS, KW, BLOCK_P, BLOCK_C, ATOMS_PER_DOT, EVEN_C, WIDE,
-                               DOT_PRECISION, INTERPRETED)
+                               stride_bases_w, M, L, KH % ROWS_PER_PASS, KW, BLOCK_P, BLOCK_C, ATOMS_PER_DOT, EVEN_C,
+                               WIDE, DOT_PRECISION, INTERPRETED)
     else:
         atoms = pixel_atoms(coeff_ptr, coeff_pix, pix_mask, stride_coeff_c, bases_ptr, stride_bases_l, stride_bases_h,
                             stride_bases_w, M, L, KH, KW, TAP_GROUPS, BLOCK_P, WIDE)

@@ -658,7 +658,7 @@ def input_grad_footprint(launch: TileLaunch, geo: AtomConvGeometry, dtype: torch
     (input and output channels swapped, input pixels), whose tiling it uses."""
     transposed = dataclasses.replace(geo, in_channels=geo.out_channels, out_channels=geo.in_channels,
                                      out_size=geo.in_size)
-    return forward_footprint(launch, transposed, dtype, arch, rows_per_pass=int(row_passes(geo)))
+    return forward_footprint(launch, transposed, dtype, arch, by_rows=row_passes(geo))
 
 
 def launch_coeff_grad(grad_y, x, atom_coeff, bases, weight, geo: AtomConvGeometry, *, bases_grad: bool,

@@ -94,18 +94,6 @@ def row_passes(geo: AtomConvGeometry) -> bool:
     return kh * kw * m > ATOM_REGISTERS and kw * m <= ATOM_REGISTERS
 
 
-def rows_per_pass(geo: AtomConvGeometry) -> int:
-    """Rows of taps one pass of the forward kernel holds (`forward.rows_of_taps`): 0 where it
-    does not run by rows (`row_passes` false), else as many rows as have their M*KW atoms each
-    within ATOM_REGISTERS together. Each pass runs stage 3 (α's loads, Z's trip through shared
-    memory, the dots) once for all its rows, so fewer, fuller passes do less of it: at 5x5 and
-    M=6, three passes (2 + 2 + 1 rows) instead of five."""
-    if not row_passes(geo):
-        return 0
-    (kh, kw), m = geo.kernel_size, geo.num_atoms
-    return min(kh, ATOM_REGISTERS // (kw * m))
-
-
 def even_chunks(geo: AtomConvGeometry, launch: TileLaunch, *, transposed: bool = False) -> bool:
     """A kernel's EVEN_C: every channel chunk of BLOCK_C is full, so no channel needs a mask. The
     chunks run over a group's input channels, or its output channels where `transposed` (dx)."""

@@ -41,8 +41,8 @@ import autotune_cache
 from atomconv.validation import AtomConvGeometry, output_layout, validate_atom_conv2d
 
 from . import launch as launching
-from .configs import (TileConfig, TileLaunch, arch_of, even_chunks, fit_tile_config, row_passes, rows_per_pass,
-                      tile_candidates, default_config, tuned_config)
+from .configs import (TileConfig, TileLaunch, arch_of, even_chunks, fit_tile_config, row_passes, tile_candidates,
+                      default_config, tuned_config)
 from .launch import INTERPRETING, Launch, check_runnable, dot_precision, pixel_run, needs_wide_offsets, strides
 from .tiles import (atom_l1_bound_by_bases, atom_times_features, coefficient_sum, offset, pixel_atoms, pixel_offset,
                     pixel_tile, pow2_scale, scaled_atoms, scaled_to_unit_l1, tap_geometry)
@@ -60,7 +60,7 @@ def atom_conv2d_fwd_kernel(
     stride_y_n, stride_y_c, stride_y_h, stride_y_w,
     M: tl.constexpr, L: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_P: tl.constexpr, TAP_GROUPS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
-    ATOMS_PER_DOT: tl.constexpr, ROWS_PER_PASS: tl.constexpr, EVEN_C: tl.constexpr, FLAT_Y: tl.constexpr,
+    ATOMS_PER_DOT: tl.constexpr, ROW_PASSES: tl.constexpr, EVEN_C: tl.constexpr, FLAT_Y: tl.constexpr,
     WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """x [N, C_in, H, W], β (coeff) [N, M*L, H_out, W_out], Ψ (bases) [L, KH, KW], α (w) packed
@@ -73,11 +73,10 @@ def atom_conv2d_fwd_kernel(
     EVEN_C: C_in_g is a multiple of BLOCK_C. FLAT_Y: `launch.pixel_run` of y (nonzero: one run).
     WIDE: int64 offsets (`launch.needs_wide_offsets`).
 
-    ROWS_PER_PASS (`configs.rows_per_pass`, nonzero for kernels whose atoms would not fit a
-    thread's registers): stages 1-3 run once per ROWS_PER_PASS rows of taps, in a loop at run time,
-    then once for the KH % ROWS_PER_PASS rows left (`rows_of_taps`); each pass adds its taps'
-    share of y (y is linear in the taps). A pass holds the atoms of its rows only, so a tile keeps
-    one thread per pixel (no tap groups) and the compiled loop body is one pass's, not KH rows'.
+    ROW_PASSES (`row_passes`: kernels whose atoms would not fit a thread's registers): stages 1-3
+    run once per row of taps, in a loop at run time, each pass adding its taps' share of y (y is
+    linear in the taps). A pass holds the M*KW atoms of one row, so a tile keeps one thread per
+    pixel (no tap groups), and the compiled loop body is one row's, not KH rows'.
     """
     PER_GROUP: tl.constexpr = (KH * KW + TAP_GROUPS - 1) // TAP_GROUPS
     num_o_tiles = tl.cdiv(C_out_g, BLOCK_O)
@@ -98,25 +97,23 @@ def atom_conv2d_fwd_kernel(
     w_chunk = G * num_o_tiles * (M_DOT * BLOCK_O * BLOCK_C)  # and the next chunk's, that many elements on
     x_col = offset(ow * SW - PW, stride_x_w, WIDE)  # of each pixel's window corner
     acc = tl.zeros([BLOCK_O, BLOCK_P], dtype=tl.float32)
-    if ROWS_PER_PASS:
-        scale = 1.0  # (no scaling outside float16)
+    if ROW_PASSES:
         if y_ptr.dtype.element_ty == tl.float16:
             scale, inverse_scale = pow2_scale(atom_l1_bound_by_bases(coeff_ptr, coeff_pix, pix_mask, stride_coeff_c,
                                                                      bases_ptr, stride_bases_l, stride_bases_h,
                                                                      stride_bases_w, M, L, KH, KW, WIDE))
-        full_rows = KH - KH % ROWS_PER_PASS
-        for i in range(0, full_rows, ROWS_PER_PASS):
-            acc = rows_of_taps(acc, i, x_ptr, coeff_ptr, coeff_pix, bases_ptr, w_ptr, w_chunk, oh, ow, pix_mask, x_col,
-                               H, W, SH, SW, PH, PW, DH, DW, C_in_g, num_chunks, scale,
-                               stride_x_c, stride_x_h, stride_x_w, stride_coeff_c, stride_bases_l, stride_bases_h,
-                               stride_bases_w, M, L, ROWS_PER_PASS, KW, BLOCK_P, BLOCK_C, ATOMS_PER_DOT, EVEN_C,
-                               WIDE, DOT_PRECISION, INTERPRETED)
-        if KH % ROWS_PER_PASS:  # the rows left, as a pass of its own
-            acc = rows_of_taps(acc, full_rows, x_ptr, coeff_ptr, coeff_pix, bases_ptr, w_ptr, w_chunk, oh, ow,
-                               pix_mask, x_col, H, W, SH, SW, PH, PW, DH, DW, C_in_g, num_chunks, scale,
-                               stride_x_c, stride_x_h, stride_x_w, stride_coeff_c, stride_bases_l, stride_bases_h,
-                               stride_bases_w, M, L, KH % ROWS_PER_PASS, KW, BLOCK_P, BLOCK_C, ATOMS_PER_DOT, EVEN_C,
-                               WIDE, DOT_PRECISION, INTERPRETED)
+        for i in range(KH):
+            # Row i of the taps as a kernel of its own: 1 x KW, padding PH - i*DH rows.
+            atoms = pixel_atoms(coeff_ptr, coeff_pix, pix_mask, stride_coeff_c, bases_ptr + i * stride_bases_h,
+                                stride_bases_l, stride_bases_h, stride_bases_w, M, L, 1, KW, 1, BLOCK_P, WIDE)
+            if y_ptr.dtype.element_ty == tl.float16:
+                atoms = scaled_atoms(atoms, scale, M * KW)
+            taps = tap_geometry(oh, ow, pix_mask, H, W, SH, SW, PH - i * DH, PW, DH, DW, stride_x_h, stride_x_w, 1,
+                                KW, 1, BLOCK_P, WIDE)
+            x_row = x_ptr + offset(oh * SH - PH + i * DH, stride_x_h, WIDE) + x_col
+            acc = chunks_times_coefficients(acc, x_row, stride_x_c, C_in_g, num_chunks, taps, atoms, w_ptr, w_chunk,
+                                            M, KW, EVEN_C, ATOMS_PER_DOT, 1, BLOCK_C, BLOCK_P,
+                                            WIDE, DOT_PRECISION, INTERPRETED)
     else:
         atoms = pixel_atoms(coeff_ptr, coeff_pix, pix_mask, stride_coeff_c, bases_ptr, stride_bases_l, stride_bases_h,
                             stride_bases_w, M, L, KH, KW, TAP_GROUPS, BLOCK_P, WIDE)
@@ -138,30 +135,6 @@ def atom_conv2d_fwd_kernel(
     y_ptrs = y_ptr + offset(o_glob, stride_y_c, WIDE)[:, None] \
         + (n * stride_y_n + pixel_offset(pix, oh, ow, stride_y_h, stride_y_w, FLAT_Y, WIDE))[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=o_mask[:, None] & pix_mask[None, :])
-
-
-@triton.jit
-def rows_of_taps(acc, i, x_ptr, coeff_ptr, coeff_pix, bases_ptr, w_ptr, w_chunk, oh, ow, pix_mask, x_col,
-                 H, W, SH, SW, PH, PW, DH, DW, C_in_g, num_chunks, scale,
-                 stride_x_c, stride_x_h, stride_x_w, stride_coeff_c, stride_bases_l, stride_bases_h, stride_bases_w,
-                 M: tl.constexpr, L: tl.constexpr, ROWS: tl.constexpr, KW: tl.constexpr, BLOCK_P: tl.constexpr,
-                 BLOCK_C: tl.constexpr, ATOMS_PER_DOT: tl.constexpr, EVEN_C: tl.constexpr, WIDE: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    """One pass of a kernel that runs by rows of taps: acc [BLOCK_O, BLOCK_P] += the share of y of
-    tap rows i .. i + ROWS - 1, as a ROWS x KW kernel of its own whose padding is PH - i*DH rows
-    (stages 1-3: its M*ROWS*KW atoms, then every channel chunk). In float16 its atoms are
-    multiplied by `scale`, the power of two that bounds the whole kernel's atoms (the one
-    accumulator is scaled back once)."""
-    atoms = pixel_atoms(coeff_ptr, coeff_pix, pix_mask, stride_coeff_c, bases_ptr + i * stride_bases_h,
-                        stride_bases_l, stride_bases_h, stride_bases_w, M, L, ROWS, KW, 1, BLOCK_P, WIDE)
-    if x_ptr.dtype.element_ty == tl.float16:
-        atoms = scaled_atoms(atoms, scale, M * ROWS * KW)
-    taps = tap_geometry(oh, ow, pix_mask, H, W, SH, SW, PH - i * DH, PW, DH, DW, stride_x_h, stride_x_w, ROWS,
-                        KW, 1, BLOCK_P, WIDE)
-    x_row = x_ptr + offset(oh * SH - PH + i * DH, stride_x_h, WIDE) + x_col
-    return chunks_times_coefficients(acc, x_row, stride_x_c, C_in_g, num_chunks, taps, atoms, w_ptr, w_chunk,
-                                     M, ROWS * KW, EVEN_C, ATOMS_PER_DOT, 1, BLOCK_C, BLOCK_P,
-                                     WIDE, DOT_PRECISION, INTERPRETED)
 
 
 @triton.jit
@@ -202,7 +175,7 @@ def forward_kernel_args(x, atom_coeff, bases, weight, bias, y, geo: AtomConvGeom
         stride_bias=0 if bias is None else bias.stride(0), **strides("stride_y", "nchw", y),
         M=geo.num_atoms, L=geo.num_bases, KH=kh, KW=kw,
         BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
-        ATOMS_PER_DOT=launch.ATOMS_PER_DOT, ROWS_PER_PASS=rows_per_pass(geo), EVEN_C=even_chunks(geo, launch),
+        ATOMS_PER_DOT=launch.ATOMS_PER_DOT, ROW_PASSES=row_passes(geo), EVEN_C=even_chunks(geo, launch),
         FLAT_Y=pixel_run(y),
         WIDE=needs_wide_offsets(x, atom_coeff, y),
         DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,
@@ -235,9 +208,9 @@ def zero_padded_weight(weight: torch.Tensor, rows: int, launch: TileLaunch) -> t
 
 
 def forward_footprint(launch: TileLaunch, geo: AtomConvGeometry, dtype: torch.dtype, arch: str, *,
-                      rows_per_pass: int = 0) -> autotune_cache.Footprint:
+                      by_rows: bool = False) -> autotune_cache.Footprint:
     """What a config costs on a problem, for candidate pruning. Registers per thread, at least:
-    the atoms (M*KH*KW, or M*KW*rows_per_pass for a kernel that runs by rows of taps), Z (M*BLOCK_C)
+    the atoms (M*KH*KW, or one row's M*KW for a kernel that runs `by_rows` of taps), Z (M*BLOCK_C)
     and the accumulator (BLOCK_O, one pixel per thread), fp32.
     Shared memory: the stage-3 dot's operands, α [BLOCK_O, K] and Z [K, BLOCK_P] in the input
     dtype (K = ATOMS_PER_DOT * BLOCK_C). Cost: stage 2 on the padded channel tiles, redone for every
@@ -246,7 +219,7 @@ def forward_footprint(launch: TileLaunch, geo: AtomConvGeometry, dtype: torch.dt
     c_in_g, c_out_g = geo.in_channels // geo.groups, geo.out_channels // geo.groups
     pixels = geo.out_size[0] * geo.out_size[1]
     k = launch.ATOMS_PER_DOT * launch.BLOCK_C
-    registers = m * kw * (rows_per_pass or kh) + m * launch.BLOCK_C + launch.BLOCK_O
+    registers = m * (kw if by_rows else kh * kw) + m * launch.BLOCK_C + launch.BLOCK_O
     padded_pixels = launch.BLOCK_P * launching.pixel_tiles(geo.batch, pixels, launch.BLOCK_P)
     o_tiles = geo.groups * triton.cdiv(c_out_g, launch.BLOCK_O)
     padded_c = launch.BLOCK_C * triton.cdiv(c_in_g, launch.BLOCK_C)
@@ -285,7 +258,7 @@ def launch_forward(x, atom_coeff, bases, weight, bias, geo: AtomConvGeometry, *,
             "atom_conv2d_fwd", x, geo, tile_candidates(), default_config(),
             run=lambda c: launch_forward(x, atom_coeff, bases, weight, bias, geo, config=c),
             footprint=lambda c: forward_footprint(forward_tile_launch(c, geo), geo, x.dtype, arch,
-                                                  rows_per_pass=rows_per_pass(geo)),
+                                                  by_rows=row_passes(geo)),
         )
     with launching.on_device_of(x):
         forward_launch(x, atom_coeff, bases, weight, bias, y, geo, forward_tile_launch(config, geo)).run()
@@ -302,7 +275,7 @@ def forward_launch(x, atom_coeff, bases, weight, bias, y, geo: AtomConvGeometry,
     return Launch("atom_conv2d_fwd", atom_conv2d_fwd_kernel,
                   forward_kernel_args(x, atom_coeff, bases, weight, bias, y, geo, launch),
                   (forward_programs(geo, launch),), launch.num_warps, launch.num_stages,
-                  loop_trips=((geo.kernel_size[0] // rows_per_pass(geo),) if rows_per_pass(geo) else ())
+                  loop_trips=((geo.kernel_size[0],) if row_passes(geo) else ())
                   + (triton.cdiv(geo.in_channels // geo.groups, launch.BLOCK_C),))
 
 

@@ -47,9 +47,7 @@ def parse_sass(sass: str) -> list[Instruction]:
 def loop_weights(instructions: list[Instruction], loop_trips: tuple[float, ...]) -> list[float]:
     """How many times each instruction runs per program: the product of the trip counts of the
     loops around it. Loops are the ranges closed by backward branches; the nesting depth of a
-    loop picks its trip count from loop_trips (outermost first), except that an innermost loop
-    (one with no loop inside) takes the last: it may also follow the nest rather than sit in it,
-    as the forward's chunk loop does in its pass over the rows of taps left."""
+    loop picks its trip count from loop_trips (outermost first)."""
     loops = []
     for ins in instructions:
         target = re.match(r"\s*`?\(?\.?L?_?x?_?(?:0x)?([0-9a-f]+)", ins.operands)
@@ -63,14 +61,12 @@ def loop_weights(instructions: list[Instruction], loop_trips: tuple[float, ...])
     if levels != len(loop_trips):
         raise ValueError(f"the SASS has loops nested {levels} deep, the launch gives "
                          f"{len(loop_trips)} trip counts")
-    innermost = {loop for loop in loops
-                 if not any(other != loop and loop[0] <= other[0] and other[1] <= loop[1] for other in loops)}
     weights = []
     for ins in instructions:
         weight = 1.0
         for loop in loops:
             if loop[0] <= ins.address <= loop[1]:
-                weight *= loop_trips[-1 if loop in innermost else depth[loop]]
+                weight *= loop_trips[depth[loop]]
         weights.append(weight)
     return weights
 

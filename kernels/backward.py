@@ -68,8 +68,8 @@ from .forward import forward_footprint, pack_weight, zero_padded_weight
 from .launch import INTERPRETING, Launch, check_runnable, dot_precision, pixel_run, needs_wide_offsets, strides
 from .tiles import (add_at, atom_l1_bound, atom_times_features, basis_at_tap, basis_coefficients, coefficient_sum,
                     column_blocks, column_tap, columns_tile, dot_operand, existing_taps_only, joined_columns, offset,
-                    pixel_atoms, pixel_offset, pixel_sum, pixel_tile, pow2_scale, scaled_atoms, tap_geometry,
-                    tile_rows, to_columns)
+                    packed_weight_tile, pixel_atoms, pixel_offset, pixel_sum, pixel_tile, pow2_scale, scaled_atoms,
+                    tap_geometry, tile_rows, to_columns)
 
 
 @triton.jit
@@ -370,9 +370,7 @@ def atom_conv2d_bwd_input_kernel(
 
     c = pid_c * BLOCK_O + tl.arange(0, BLOCK_O)
     c_mask = c < C_in_g
-    M_DOT: tl.constexpr = (M + ATOMS_PER_DOT - 1) // ATOMS_PER_DOT * ATOMS_PER_DOT
-    w_ptr += pid_gc * (M_DOT * BLOCK_O * BLOCK_C)  # this tile's α of the first chunk (`pack_weight`)
-    w_chunk = G * num_c_tiles * (M_DOT * BLOCK_O * BLOCK_C)  # and the next chunk's, that many elements on
+    w_ptr, w_chunk = packed_weight_tile(w_ptr, pid_gc, G * num_c_tiles, M, ATOMS_PER_DOT, BLOCK_O, BLOCK_C)
     acc = tl.zeros([BLOCK_O, BLOCK_P], dtype=tl.float32)
     # float16: the atoms of every pass scaled by one power of two per pixel (the module doc of
     # `tiles`), the smallest any pass has needed so far (a pass that needs a smaller one first

@@ -44,8 +44,8 @@ from . import launch as launching
 from .configs import (TileConfig, TileLaunch, arch_of, even_chunks, fit_tile_config, row_passes, tile_candidates,
                       default_config, tuned_config)
 from .launch import INTERPRETING, Launch, check_runnable, dot_precision, pixel_run, needs_wide_offsets, strides
-from .tiles import (atom_l1_bound_by_bases, atom_times_features, coefficient_sum, offset, pixel_atoms, pixel_offset,
-                    pixel_tile, pow2_scale, scaled_atoms, scaled_to_unit_l1, tap_geometry)
+from .tiles import (atom_l1_bound_by_bases, atom_times_features, coefficient_sum, offset, packed_weight_tile,
+                    pixel_atoms, pixel_offset, pixel_tile, pow2_scale, scaled_atoms, scaled_to_unit_l1, tap_geometry)
 
 
 @triton.jit
@@ -92,9 +92,7 @@ def atom_conv2d_fwd_kernel(
     o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     o_mask = o < C_out_g
     num_chunks = tl.cdiv(C_in_g, BLOCK_C)
-    M_DOT: tl.constexpr = (M + ATOMS_PER_DOT - 1) // ATOMS_PER_DOT * ATOMS_PER_DOT
-    w_ptr += pid_go * (M_DOT * BLOCK_O * BLOCK_C)  # this tile's α of the first chunk (`pack_weight`)
-    w_chunk = G * num_o_tiles * (M_DOT * BLOCK_O * BLOCK_C)  # and the next chunk's, that many elements on
+    w_ptr, w_chunk = packed_weight_tile(w_ptr, pid_go, G * num_o_tiles, M, ATOMS_PER_DOT, BLOCK_O, BLOCK_C)
     x_col = offset(ow * SW - PW, stride_x_w, WIDE)  # of each pixel's window corner
     acc = tl.zeros([BLOCK_O, BLOCK_P], dtype=tl.float32)
     if ROW_PASSES:

@@ -411,6 +411,17 @@ def stacked_by_group(z, TAP_GROUPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P
 
 
 @triton.jit
+def packed_weight_tile(w_ptr, tile, tiles, M: tl.constexpr, ATOMS_PER_DOT: tl.constexpr, BLOCK_O: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    """(w_ptr, w_chunk) in α packed as `forward.pack_weight` packs it: where the program of tile
+    `tile` (one of `tiles` per chunk, its group times its output-channel tile) finds its block
+    [M_DOT, BLOCK_O, BLOCK_C] of the first chunk, and how many elements on the next chunk's is."""
+    M_DOT: tl.constexpr = (M + ATOMS_PER_DOT - 1) // ATOMS_PER_DOT * ATOMS_PER_DOT
+    BLOCK: tl.constexpr = M_DOT * BLOCK_O * BLOCK_C
+    return w_ptr + tile * BLOCK, tiles * BLOCK
+
+
+@triton.jit
 def coefficient_sum(acc, z, w_ptr, chan_mask, M: tl.constexpr, EVEN_C: tl.constexpr,
                     ATOMS_PER_DOT: tl.constexpr, TAP_GROUPS: tl.constexpr, BLOCK_C: tl.constexpr,
                     BLOCK_P: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):

@@ -66,10 +66,10 @@ from .configs import (TileConfig, TileLaunch, arch_of, even_chunks, fit_tile_con
                       weight_grad_splits)
 from .forward import forward_footprint, pack_weight, zero_padded_weight
 from .launch import INTERPRETING, Launch, check_runnable, dot_precision, pixel_run, needs_wide_offsets, strides
-from .tiles import (add_at, atom_l1_bound, atom_times_features, basis_at_tap, basis_coefficients, coefficient_sum,
-                    column_blocks, column_tap, columns_tile, dot_operand, existing_taps_only, joined_columns, offset,
-                    packed_weight_tile, pixel_atoms, pixel_offset, pixel_sum, pixel_tile, pow2_scale, scaled_atoms,
-                    tap_geometry, tile_rows, to_columns)
+from .tiles import (add_at, atom_l1_bound, atom_times_features, basis_at_tap, basis_coefficients, basis_row,
+                    coefficient_sum, column_blocks, column_tap, columns_tile, dot_operand, existing_taps_only,
+                    joined_columns, offset, packed_weight_tile, pixel_atoms, pixel_offset, pixel_sum, pixel_tile,
+                    pow2_scale, scaled_atoms, tap_geometry, tile_rows, to_columns)
 
 
 @triton.jit
@@ -428,9 +428,13 @@ def input_grad_taps(acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr, w_p
         coeff_q = offset(ih + PH, stride_coeff_h, WIDE) + offset(iw + PW, stride_coeff_w, WIDE)
     else:
         dy_pix = 0
+    # A row pass reads its row of Ψ whole (`tiles.basis_row`), bases outside its taps. (Not at K=3:
+    # there it spills 232 B instead of 48 on sm_90, for 54 narrow loads a tile.)
+    BY_ROWS_OF_PSI: tl.constexpr = KH == 1 and KW > 1 and TAP_GROUPS == 1
     atoms = (tl.zeros([COLUMNS], tl.float32),) * (PER_GROUP * M)
     dy_taps = ()
     tap_masks = ()
+    coeff_pixels = ()
     for k in tl.static_range(PER_GROUP):
         t, exists = column_tap(k, TAPS, TAP_GROUPS, BLOCK_P)
         oh, row_ok = _reading_output_coord(ih, PH, (t // KW) * DH, SH, H_out, q_mask)
@@ -444,13 +448,26 @@ def input_grad_taps(acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr, w_p
         else:
             dy_tap = offset(oh, stride_dy_h, WIDE) + offset(ow, stride_dy_w, WIDE)
             coeff_pix = offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE)
-        for l in tl.static_range(L):
-            psi = basis_at_tap(bases_ptr, l, t, exists, stride_bases_l, stride_bases_h, stride_bases_w, KW, TAP_GROUPS)
-            betas = basis_coefficients(coeff_ptr, coeff_pix, tap_ok, l, stride_coeff_c, M, L, WIDE)
-            for m in tl.static_range(M):
-                atoms = add_at(atoms, k * M + m, betas[m] * psi)
+        if not BY_ROWS_OF_PSI:
+            for l in tl.static_range(L):
+                psi = basis_at_tap(bases_ptr, l, t, exists, stride_bases_l, stride_bases_h, stride_bases_w, KW,
+                                   TAP_GROUPS)
+                betas = basis_coefficients(coeff_ptr, coeff_pix, tap_ok, l, stride_coeff_c, M, L, WIDE)
+                for m in tl.static_range(M):
+                    atoms = add_at(atoms, k * M + m, betas[m] * psi)
         dy_taps = dy_taps + (dy_tap,)
         tap_masks = tap_masks + (tap_ok,)
+        coeff_pixels = coeff_pixels + (coeff_pix,)
+    if BY_ROWS_OF_PSI:  # (each atom still sums its bases in order: the same values)
+        for i in tl.static_range(KH):
+            for l in tl.static_range(L):
+                psi_row = basis_row(bases_ptr + l * stride_bases_l + i * stride_bases_h, stride_bases_w, None, KW,
+                                    COLUMNS)
+                for j in tl.static_range(KW):
+                    betas = basis_coefficients(coeff_ptr, coeff_pixels[i * KW + j], tap_masks[i * KW + j], l,
+                                               stride_coeff_c, M, L, WIDE)
+                    for m in tl.static_range(M):
+                        atoms = add_at(atoms, (i * KW + j) * M + m, betas[m] * psi_row[j])
     # Taps no output pixel reads add nothing (their masked β times an Inf in Ψ would add NaN).
     zeroed = ()
     for k in tl.static_range(PER_GROUP * M):
@@ -551,6 +568,7 @@ def weight_grad_launch(x, atom_coeff, bases, grad_y, dweight_partials, geo: Atom
     programs_per_split = weight_grad_programs(geo, launch, x.dtype)
     launching.check_int32_indexing("H_out*W_out", geo.out_size[0] * geo.out_size[1], launch.BLOCK_P,
                                    programs_per_split * splits)
+    bases = launching.row_padded_bases(bases)  # (read by rows: `tiles.pixel_atoms`)
     args = dict(
         x_ptr=x, coeff_ptr=atom_coeff, bases_ptr=bases, dy_ptr=grad_y, dw_ptr=dweight_partials,
         **_geometry_args(geo),
@@ -574,6 +592,7 @@ def input_grad_launch(atom_coeff, bases, weight, grad_y, dx, geo: AtomConvGeomet
     pixels = geo.in_size[0] * geo.in_size[1]
     programs = launching.pixel_tiles(geo.batch, pixels, launch.BLOCK_P) * geo.groups * triton.cdiv(c_in_g, launch.BLOCK_O)
     launching.check_int32_indexing("H*W", pixels, launch.BLOCK_P, programs)
+    bases = launching.row_padded_bases(bases)  # (read by rows: `tiles.basis_row`)
     args = dict(
         dy_ptr=grad_y, coeff_ptr=atom_coeff, bases_ptr=bases, w_ptr=pack_transposed_weight(weight, geo.groups, launch),
         dx_ptr=dx, **_geometry_args(geo),

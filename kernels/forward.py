@@ -162,6 +162,7 @@ def forward_kernel_args(x, atom_coeff, bases, weight, bias, y, geo: AtomConvGeom
     The launcher and the static report both build the kernel's arguments here."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geo.kernel_size, geo.stride, geo.padding, geo.dilation
     c_in_g = geo.in_channels // geo.groups
+    bases = launching.row_padded_bases(bases)  # (read by rows: `pixel_atoms`)
     return dict(
         x_ptr=x, coeff_ptr=atom_coeff, bases_ptr=bases, w_ptr=pack_weight(weight, geo.groups, launch),
         bias_ptr=bias, y_ptr=y,

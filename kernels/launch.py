@@ -102,6 +102,22 @@ def strides(prefix: str, dims: str, t: torch.Tensor) -> dict[str, int]:
     return {f"{prefix}_{d}": s for d, s in zip(dims, t.stride())}
 
 
+BASES_ROW_STRIDE = 16
+"""Elements per row of Ψ as `row_padded_bases` lays it out, at least: a multiple of 16, so that Triton
+knows every row starts 16-element aligned and reads a row in one vector load."""
+
+
+def row_padded_bases(bases: torch.Tensor) -> torch.Tensor:
+    """Ψ [L, KH, KW] as a view of the same shape whose rows are zero-padded to a stride of
+    BASES_ROW_STRIDE (or KW rounded up to a power of two, if more): what `tiles.pixel_atoms`
+    reads, a row at a time, KW rounded up to a power of two wide. One small torch copy (L * KH *
+    16 elements)."""
+    num_bases, kh, kw = bases.shape
+    padded = bases.new_zeros(num_bases, kh, max(BASES_ROW_STRIDE, 1 << (kw - 1).bit_length()))
+    padded[..., :kw] = bases
+    return padded[..., :kw]
+
+
 def pixel_tiles(batch: int, pixels: int, block_p: int) -> int:
     """How many tiles of block_p pixels cover `batch` samples of `pixels` pixels each, taken sample
     after sample (`tiles.pixel_tile`: a tile may span samples)."""

@@ -234,6 +234,21 @@ def basis_at_tap(bases_ptr, l, t, exists, stride_bases_l, stride_bases_h, stride
 
 
 @triton.jit
+def basis_row(row_ptr, stride_bases_w, mask, KW: tl.constexpr, COLUMNS: tl.constexpr):
+    """A row of Ψ (row_ptr at Ψ[l, i, 0], from `launch.row_padded_bases`, KW > 1) for each of
+    COLUMNS columns: the tuple of its values [COLUMNS] fp32, KW rounded up to a power of two of
+    them (those past KW are padding), 0 where mask [COLUMNS] is false (None: no mask). Every
+    thread reads the whole row in one vector load (the same line for all), not KW narrow ones."""
+    ROW: tl.constexpr = 1 << (KW - 1).bit_length()
+    ptrs = row_ptr + (tl.arange(0, ROW) * stride_bases_w)[None, :] + tl.zeros([COLUMNS, 1], tl.int32)
+    if mask is None:
+        row = tl.load(ptrs)
+    else:
+        row = tl.load(ptrs, mask=mask[:, None], other=0.0)
+    return tile_rows(tl.permute(row.to(tl.float32), (1, 0)), ROW, COLUMNS)
+
+
+@triton.jit
 def basis_coefficients(coeff_ptr, coeff_pix, mask, l, stride_coeff_c, M: tl.constexpr, L: tl.constexpr,
                        WIDE: tl.constexpr):
     """The tuple of the M coefficients β[m*L + l] fp32 of basis l at each column's pixel
@@ -253,26 +268,35 @@ def pixel_atoms(coeff_ptr, coeff_pix, coeff_mask, stride_coeff_c, bases_ptr, str
     each column's taps, entry k*M + m = A[m, t, p] = Σ_l β[m*L + l, p] · Ψ[l, t] with t the
     column's k-th tap (`column_tap`). coeff_ptr points at the sample's β, coeff_pix at each
     column's pixel within it; columns where coeff_mask is false, and taps that do not exist, get
-    zero atoms."""
+    zero atoms. With one tap group (and KW > 1) each row of Ψ is read in one vector load of KW
+    rounded up to a power of two: Ψ must be `launch.row_padded_bases`."""
     TAPS: tl.constexpr = KH * KW
     PER_GROUP: tl.constexpr = (TAPS + TAP_GROUPS - 1) // TAP_GROUPS
-    atoms = (tl.zeros([TAP_GROUPS * BLOCK_P], tl.float32),) * (PER_GROUP * M)
+    COLUMNS: tl.constexpr = TAP_GROUPS * BLOCK_P
+    atoms = (tl.zeros([COLUMNS], tl.float32),) * (PER_GROUP * M)
     # Bases outermost: each β and Ψ value is used as soon as it is loaded (Ψ[l, t] by every atom),
     # so only the atoms stay live, not all L*KH*KW of Ψ (the register pressure of a large kernel).
+    # Ψ per column, masked like β (0 * an Inf Ψ would be NaN there): a kernel that loops over
+    # pixel tiles cannot hoist (and hold in registers) all L*KH*KW of it.
     for l in tl.static_range(L):
         betas = basis_coefficients(coeff_ptr, coeff_pix, coeff_mask, l, stride_coeff_c, M, L, WIDE)
-        for k in tl.static_range(PER_GROUP):
-            t, exists = column_tap(k, TAPS, TAP_GROUPS, BLOCK_P)
-            psi_ptrs = bases_ptr + l * stride_bases_l + (t // KW) * stride_bases_h + (t % KW) * stride_bases_w \
-                + tl.zeros([TAP_GROUPS * BLOCK_P], tl.int32)
-            # Ψ per column, masked like β: a kernel that loops over pixel tiles cannot hoist
-            # (and hold in registers) all L*KH*KW of it.
-            psi_mask = coeff_mask
-            if TAP_GROUPS > 1:
-                psi_mask = psi_mask & exists
-            psi = tl.load(psi_ptrs, mask=psi_mask, other=0.0).to(tl.float32)
-            for m in tl.static_range(M):
-                atoms = add_at(atoms, k * M + m, betas[m] * psi)
+        if TAP_GROUPS == 1 and KW > 1:
+            for i in tl.static_range(KH):
+                psi_row = basis_row(bases_ptr + l * stride_bases_l + i * stride_bases_h, stride_bases_w, coeff_mask,
+                                    KW, COLUMNS)
+                for j in tl.static_range(KW):
+                    for m in tl.static_range(M):
+                        atoms = add_at(atoms, (i * KW + j) * M + m, betas[m] * psi_row[j])
+        else:
+            for k in tl.static_range(PER_GROUP):
+                t, exists = column_tap(k, TAPS, TAP_GROUPS, BLOCK_P)
+                psi_ptrs = bases_ptr + l * stride_bases_l + (t // KW) * stride_bases_h + (t % KW) * stride_bases_w
+                psi_mask = coeff_mask
+                if TAP_GROUPS > 1:
+                    psi_mask = psi_mask & exists
+                psi = tl.load(psi_ptrs + tl.zeros([COLUMNS], tl.int32), mask=psi_mask, other=0.0).to(tl.float32)
+                for m in tl.static_range(M):
+                    atoms = add_at(atoms, k * M + m, betas[m] * psi)
     # A tap that does not exist has no atom (its β times a zero Ψ would be NaN for an Inf β).
     return existing_taps_only(atoms, M, TAPS, TAP_GROUPS, BLOCK_P)
 

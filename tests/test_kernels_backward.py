@@ -265,3 +265,14 @@ def test_taps_split_over_tap_groups(problem, dtype):
     assert (forward.forward_tile_launch(default, geo).TAP_GROUPS == 1) == by_rows
     assert (backward.input_grad_tile_launch(default, geo).TAP_GROUPS == 1) == by_rows
     check(tensors, kwargs, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("problem", [((3, 1), (1, 0)), ((2, 6), (1, 2)), ((1, 6), (0, 2))],
+                         ids=lambda p: "k{}-p{}".format(*p))
+def test_rows_of_bases_of_any_width(problem, dtype):
+    """Rows of Ψ one value wide (read one value at a time) or not a power of two wide (one wider
+    vector load, whose padding must not reach the atoms): in dα, and in dx where its taps are one
+    row (1 x 6, as each pass of a kernel run by rows of taps)."""
+    kernel, padding = problem
+    check(*make_problem(2, 5, 6, (7, 6), kernel, 1, padding, num_atoms=5, num_bases=4), dtype)

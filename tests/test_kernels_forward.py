@@ -205,6 +205,19 @@ def test_large_kernels_run_by_rows_of_taps(problem, dtype):
     check(tensors, kwargs, dtype)
 
 
+NARROW_ROW_PROBLEMS = [  # (kernel, padding): rows of Ψ one value wide (read one by one), or of a width
+    ((3, 1), (1, 0)),     # that is not a power of two (read in a wider vector load, whose padding
+    ((2, 6), (1, 2)),     # must not reach the atoms)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("problem", NARROW_ROW_PROBLEMS, ids=lambda p: "k{}-p{}".format(*p))
+def test_rows_of_bases_of_any_width(problem, dtype):
+    kernel, padding = problem
+    check(*make_problem(2, 5, 6, (7, 6), kernel, 1, padding, num_atoms=5, num_bases=4), dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("problem", [((1, 11), 1, (0, 5), 1, 1), ((3, 11), 2, 1, (2, 1), 1)],
                          ids=lambda p: "k{}-s{}-p{}-d{}-g{}".format(*p))

@@ -214,3 +214,20 @@ def test_pixel_run_divides_the_pixel_count(shape, sliced, expected):
     assert run == expected
     if run:
         assert (shape[2] * shape[3]) % run == 0
+
+
+@pytest.mark.parametrize("kernel_size", [(1, 1), (3, 3), (5, 3), (7, 7), (3, 17)])
+def test_row_padded_bases_hold_a_whole_power_of_two_row(kernel_size):
+    """`tiles.basis_row` reads KW rounded up to a power of two values of each row of Ψ in one
+    vector load: the launchers' copy must hold Ψ itself, and rows that far apart, starting on a
+    multiple of 16 elements (what Triton needs to know to vectorise), with the last row's read
+    inside the allocation."""
+    kh, kw = kernel_size
+    bases = torch.randn(4, kh, kw, dtype=torch.float16)
+    padded = launch.row_padded_bases(bases.transpose(1, 2).contiguous().transpose(1, 2))  # (any strides in)
+    assert torch.equal(padded, bases)
+    width = 1 << (kw - 1).bit_length()
+    assert padded.stride(2) == 1 and padded.stride(1) % 16 == 0 and padded.stride(1) >= width
+    assert padded.stride(0) == kh * padded.stride(1)
+    last_read = padded.storage_offset() + (3 * kh + kh - 1) * padded.stride(1) + width
+    assert last_read <= padded.untyped_storage().nbytes() // padded.element_size()

@@ -428,9 +428,10 @@ def input_grad_taps(acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr, w_p
         coeff_q = offset(ih + PH, stride_coeff_h, WIDE) + offset(iw + PW, stride_coeff_w, WIDE)
     else:
         dy_pix = 0
-    # A row pass reads its row of Ψ whole (`tiles.basis_row`), bases outside its taps. (Not at K=3:
-    # there it spills 232 B instead of 48 on sm_90, for 54 narrow loads a tile.)
-    BY_ROWS_OF_PSI: tl.constexpr = KH == 1 and KW > 1 and TAP_GROUPS == 1
+    # A one-row kernel (a row pass) of up to 32 atoms reads its row of Ψ whole (`tiles.basis_row`),
+    # bases outside its taps. Measured on sm_90 fp16 at M=6 (static model): 5 taps wide, 142 -> 133 us
+    # and 800 -> 592 B of spills; 7 wide, 312 -> 320 us and 1712 -> 2016 B; at K=3 (3 rows) 48 -> 232 B.
+    BY_ROWS_OF_PSI: tl.constexpr = KH == 1 and 1 < KW and KW * M <= 32 and TAP_GROUPS == 1
     atoms = (tl.zeros([COLUMNS], tl.float32),) * (PER_GROUP * M)
     dy_taps = ()
     tap_masks = ()

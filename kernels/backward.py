@@ -434,39 +434,46 @@ def input_grad_taps(acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr, w_p
     BY_ROWS_OF_PSI: tl.constexpr = KH == 1 and 1 < KW and KW * M <= 32 and TAP_GROUPS == 1
     atoms = (tl.zeros([COLUMNS], tl.float32),) * (PER_GROUP * M)
     dy_taps = ()
+    dy_columns = ()
     tap_masks = ()
-    coeff_pixels = ()
+    coeff_taps = ()  # per tap: (a pointer, an offset) whose sum is β's address at the tap
     for k in tl.static_range(PER_GROUP):
         t, exists = column_tap(k, TAPS, TAP_GROUPS, BLOCK_P)
         oh, row_ok = _reading_output_coord(ih, PH, (t // KW) * DH, SH, H_out, q_mask)
         ow, tap_ok = _reading_output_coord(iw, PW, (t % KW) * DW, SW, W_out, row_ok)
         if TAP_GROUPS > 1:
             tap_ok = tap_ok & exists
-        if SHIFTED:  # (constants where DH, DW and the strides are 1)
-            dy_tap = offset(-(t // KW) * DH, stride_dy_h, WIDE) + offset(-(t % KW) * DW, stride_dy_w, WIDE)
-            coeff_pix = coeff_q + offset(-(t // KW) * DH, stride_coeff_h, WIDE) \
-                + offset(-(t % KW) * DW, stride_coeff_w, WIDE)
+        if SHIFTED:  # the tap's row, then its column: a constant (where DW and stride_w are 1) the loads
+            # add to their row's address as an immediate, one address a row, not one a tap
+            dy_tap = offset(-(t // KW) * DH, stride_dy_h, WIDE)
+            dy_column = offset(-(t % KW) * DW, stride_dy_w, WIDE)
+            coeff_tap = coeff_ptr + (coeff_q + offset(-(t // KW) * DH, stride_coeff_h, WIDE))
+            coeff_pix = offset(-(t % KW) * DW, stride_coeff_w, WIDE)
         else:
             dy_tap = offset(oh, stride_dy_h, WIDE) + offset(ow, stride_dy_w, WIDE)
+            dy_column = 0
+            coeff_tap = coeff_ptr
             coeff_pix = offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE)
         if not BY_ROWS_OF_PSI:
             for l in tl.static_range(L):
                 psi = basis_at_tap(bases_ptr, l, t, exists, stride_bases_l, stride_bases_h, stride_bases_w, KW,
                                    TAP_GROUPS)
-                betas = basis_coefficients(coeff_ptr, coeff_pix, tap_ok, l, stride_coeff_c, M, L, WIDE)
+                betas = basis_coefficients(coeff_tap, coeff_pix, tap_ok, l, stride_coeff_c, M, L, WIDE)
                 for m in tl.static_range(M):
                     atoms = add_at(atoms, k * M + m, betas[m] * psi)
         dy_taps = dy_taps + (dy_tap,)
+        dy_columns = dy_columns + (dy_column,)
         tap_masks = tap_masks + (tap_ok,)
-        coeff_pixels = coeff_pixels + (coeff_pix,)
+        coeff_taps = coeff_taps + ((coeff_tap, coeff_pix),)
     if BY_ROWS_OF_PSI:  # (each atom still sums its bases in order: the same values)
         for i in tl.static_range(KH):
             for l in tl.static_range(L):
                 psi_row = basis_row(bases_ptr + l * stride_bases_l + i * stride_bases_h, stride_bases_w, None, KW,
                                     COLUMNS)
                 for j in tl.static_range(KW):
-                    betas = basis_coefficients(coeff_ptr, coeff_pixels[i * KW + j], tap_masks[i * KW + j], l,
-                                               stride_coeff_c, M, L, WIDE)
+                    coeff_tap, coeff_pix = coeff_taps[i * KW + j]
+                    betas = basis_coefficients(coeff_tap, coeff_pix, tap_masks[i * KW + j], l, stride_coeff_c, M, L,
+                                               WIDE)
                     for m in tl.static_range(M):
                         atoms = add_at(atoms, (i * KW + j) * M + m, betas[m] * psi_row[j])
     # Taps no output pixel reads add nothing (their masked β times an Inf in Ψ would add NaN).
@@ -486,7 +493,7 @@ def input_grad_taps(acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr, w_p
         o_mask = chunk * BLOCK_C + out_chan < C_out_g
         # U[m] [BLOCK_C, COLUMNS]: stage 2 with dy for x, at the output pixels that read each input pixel.
         u = atom_times_features(dy_ptr + offset(chunk * BLOCK_C, stride_dy_c, WIDE) + dy_pix, stride_dy_c,
-                                C_out_g - chunk * BLOCK_C, (dy_taps, (0,) * PER_GROUP, tap_masks), atoms, M,
+                                C_out_g - chunk * BLOCK_C, (dy_taps, dy_columns, tap_masks), atoms, M,
                                 PER_GROUP, EVEN_C, BLOCK_C, COLUMNS, WIDE)
         acc = coefficient_sum(acc, u, w_ptr + chunk * w_chunk, o_mask, M, EVEN_C, ATOMS_PER_DOT, TAP_GROUPS,
                               BLOCK_C, BLOCK_P, DOT_PRECISION, INTERPRETED)

@@ -513,11 +513,6 @@ def _shape_args(geo: AtomConvGeometry) -> dict[str, int]:
     return dict(M=geo.num_atoms, L=geo.num_bases, KH=geo.kernel_size[0], KW=geo.kernel_size[1])
 
 
-def _m_dot(geo: AtomConvGeometry, launch: TileLaunch) -> int:
-    """Atoms per chunk in a packed α (`pack_weight`): M rounded up to ATOMS_PER_DOT."""
-    return launch.ATOMS_PER_DOT * triton.cdiv(geo.num_atoms, launch.ATOMS_PER_DOT)
-
-
 def dy_resident(geo: AtomConvGeometry, launch: TileLaunch) -> bool:
     """Whether the dβ kernel loads a group's dyᵀ once for all its channel chunks: where dZ's dot
     takes one step over the group's output channels. (Hoisted, Triton keeps the dot's copy of dyᵀ
@@ -556,7 +551,8 @@ def coeff_grad_launch(x, atom_coeff, bases, weight, grad_y, dcoeff, dbases, geo:
         **strides("stride_bases", "lhw", bases), **strides("stride_dy", "nchw", grad_y),
         **strides("stride_dcoeff", "nchw", dcoeff), **_shape_args(geo),
         BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
-        M_DOT=_m_dot(geo, launch), WIDE_ATOMS=wide_dot_atoms(geo, launch, x.dtype), BASES_GRAD=dbases is not None,
+        M_DOT=launch.padded_atoms(geo.num_atoms), WIDE_ATOMS=wide_dot_atoms(geo, launch, x.dtype),
+        BASES_GRAD=dbases is not None,
         EVEN_C=even_chunks(geo, launch), DY_RESIDENT=dy_resident(geo, launch),
         FLAT_DY=pixel_run(grad_y),
         WIDE=needs_wide_offsets(x, atom_coeff, grad_y, dcoeff),
@@ -584,7 +580,7 @@ def weight_grad_launch(x, atom_coeff, bases, grad_y, dweight_partials, geo: Atom
         **strides("stride_bases", "lhw", bases), **strides("stride_dy", "nchw", grad_y),
         SPLITS=splits, **_shape_args(geo),
         BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
-        M_DOT=_m_dot(geo, launch), WIDE_ATOMS=wide_dot_atoms(geo, launch, x.dtype),
+        M_DOT=launch.padded_atoms(geo.num_atoms), WIDE_ATOMS=wide_dot_atoms(geo, launch, x.dtype),
         CHUNKS=weight_grad_chunks(geo, launch, x.dtype), EVEN_C=even_chunks(geo, launch),
         FLAT_DY=pixel_run(grad_y),
         WIDE=needs_wide_offsets(x, atom_coeff, grad_y), DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,
@@ -721,8 +717,8 @@ def launch_weight_grad(grad_y, x, atom_coeff, bases, weight, geo: AtomConvGeomet
     c_in_g = geo.in_channels // geo.groups
     if splits is None:
         splits = weight_grad_splits(geo, launch, x.dtype, _target_programs(x.device))
-    partials = torch.empty(splits, geo.out_channels, triton.cdiv(c_in_g, launch.BLOCK_C), _m_dot(geo, launch),
-                           launch.BLOCK_C, dtype=torch.float32, device=x.device)
+    partials = torch.empty(splits, geo.out_channels, triton.cdiv(c_in_g, launch.BLOCK_C),
+                           launch.padded_atoms(geo.num_atoms), launch.BLOCK_C, dtype=torch.float32, device=x.device)
     with launching.on_device_of(x):
         weight_grad_launch(x, atom_coeff, bases, grad_y, partials, geo, launch).run()
     return unpack_weight(partials.sum(0), c_in_g, geo.num_atoms).to(weight.dtype, memory_format=torch.contiguous_format)

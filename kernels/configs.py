@@ -67,6 +67,11 @@ class TileLaunch:
     num_warps: int
     num_stages: int
 
+    def padded_atoms(self, num_atoms: int) -> int:
+        """M_DOT: num_atoms rounded up to ATOMS_PER_DOT, the atoms a channel chunk of packed α holds
+        (`forward.pack_weight`, dα's partials)."""
+        return self.ATOMS_PER_DOT * _cdiv(num_atoms, self.ATOMS_PER_DOT)
+
 
 def pow2_at_least(n: int) -> int:
     """The smallest power of two >= n (Triton block shapes are powers of two)."""

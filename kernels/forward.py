@@ -200,7 +200,7 @@ def zero_padded_weight(weight: torch.Tensor, rows: int, launch: TileLaunch) -> t
     """α per group [G, R, C_in_g, M] -> [G, rows, chunks, BLOCK_C, M_DOT], zeros past R, C_in_g, M."""
     g, r, c_in_g, m = weight.shape
     chunks = triton.cdiv(c_in_g, launch.BLOCK_C)
-    m_dot = launch.ATOMS_PER_DOT * triton.cdiv(m, launch.ATOMS_PER_DOT)
+    m_dot = launch.padded_atoms(m)
     padded = weight.new_zeros(g, rows, chunks * launch.BLOCK_C, m_dot)
     padded[:, :r, :c_in_g, :m] = weight
     return padded.view(g, rows, chunks, launch.BLOCK_C, m_dot)

@@ -109,8 +109,7 @@ def kernel_launch(kernel: str, problem: dict, dtype: torch.dtype, config: config
     if kernel == "atom_conv2d_bwd_weight":
         splits = configs.weight_grad_splits(geo, fitted, dtype, WEIGHT_GRAD_PROGRAMS)
         partials = torch.empty(splits, geo.out_channels, triton.cdiv(geo.in_channels // geo.groups, fitted.BLOCK_C),
-                               fitted.ATOMS_PER_DOT * triton.cdiv(geo.num_atoms, fitted.ATOMS_PER_DOT), fitted.BLOCK_C,
-                               device="meta")
+                               fitted.padded_atoms(geo.num_atoms), fitted.BLOCK_C, device="meta")
         return backward.weight_grad_launch(x, atom_coeff, bases, y, partials, geo, fitted)
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 

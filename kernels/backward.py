@@ -236,7 +236,8 @@ def atom_conv2d_bwd_weight_kernel(
     FLAT_DY: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """x [N, C_in, H, W], β (coeff) [N, M*L, H_out, W_out], Ψ (bases) [L, KH, KW],
-    dy [N, C_out, H_out, W_out], any strides -> dα partials (dw) [SPLITS, C_out,
+    dy [N, C_out, H_out, W_out], any strides (Ψ's rows padded by `launch.row_padded_bases`: 16-bit
+    kernels read them whole) -> dα partials (dw) [SPLITS, C_out,
     cdiv(C_in_g, BLOCK_C), M_DOT, BLOCK_C] float32 contiguous, packed like `pack_weight_rows`:
     split s holds Σ over pixel tiles s, s + SPLITS, ... of dy @ Zᵀ. Columns that are padding
     (channels past the group, atoms past M) hold garbage; the launcher drops them. EVEN_C:
@@ -268,8 +269,9 @@ def atom_conv2d_bwd_weight_kernel(
         n, pix, oh, ow, pix_mask = pixel_tile(pixel_tile_id, N, H_out, W_out, BLOCK_P, TAP_GROUPS, FLAT_DY)  # per column
         n = n.to(tl.int32)  # (its offsets are int32 unless WIDE)
         coeff_pix = offset(n, stride_coeff_n, WIDE) + offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE)
+        # Ψ by rows in 16 bits only: in float32 the default spills 8.5 KB on sm_90 that way, 2.2 KB without.
         atoms = pixel_atoms(coeff_ptr, coeff_pix, pix_mask, stride_coeff_c, bases_ptr, stride_bases_l, stride_bases_h,
-                            stride_bases_w, M, L, KH, KW, TAP_GROUPS, BLOCK_P, WIDE)
+                            stride_bases_w, M, L, KH, KW, TAP_GROUPS, BLOCK_P, dtype != tl.float32, WIDE)
         if dtype == tl.float16:
             # The dot sums over pixels: one power of two for the tile, from its largest atom norm.
             tile_scale, inverse_scale = pow2_scale(tl.max(atom_l1_bound(atoms, M, PER_GROUP, TAP_GROUPS, BLOCK_P), axis=0))
@@ -349,7 +351,8 @@ def atom_conv2d_bwd_input_kernel(
 ):
     """dy [N, C_out, H_out, W_out], β (coeff) [N, M*L, H_out, W_out], Ψ (bases) [L, KH, KW],
     α (w) transposed per group and packed (`pack_transposed_weight`) -> dx [N, C_in, H, W]; any
-    strides but w's.
+    strides but w's and Ψ's, whose rows are padded by `launch.row_padded_bases` (row passes read
+    them whole).
 
     The forward's tiling of the transposed problem: BLOCK_P input pixels (times TAP_GROUPS
     columns), BLOCK_O input channels (the dot's rows), output channels reduced in chunks of
@@ -416,7 +419,8 @@ def input_grad_taps(acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr, w_p
     SCALED (float16): the atoms are scaled by the smaller of scale and their own `pow2_scale`,
     which becomes the new scale; RESCALE: acc (from earlier passes) is brought to it first.
     UNIT_STRIDE: SH == SW == 1, so the output pixel that reads q through a tap is q shifted by a
-    constant: with one tap group, a tap's dy and β offsets are then one vector plus a scalar."""
+    constant: with one tap group, a tap's dy and β offsets are then one vector, plus the tap row's
+    scalar, plus its column's (a constant where DW and the W strides are 1), added in that order."""
     TAPS: tl.constexpr = KH * KW
     PER_GROUP: tl.constexpr = (TAPS + TAP_GROUPS - 1) // TAP_GROUPS
     COLUMNS: tl.constexpr = TAP_GROUPS * BLOCK_P
@@ -430,7 +434,8 @@ def input_grad_taps(acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr, w_p
         dy_pix = 0
     # A one-row kernel (a row pass) of up to 32 atoms reads its row of Ψ whole (`tiles.basis_row`),
     # bases outside its taps. Measured on sm_90 fp16 at M=6 (static model): 5 taps wide, 142 -> 133 us
-    # and 800 -> 592 B of spills; 7 wide, 312 -> 320 us and 1712 -> 2016 B; at K=3 (3 rows) 48 -> 232 B.
+    # and 800 -> 592 B of spills; 7 wide, 312 -> 320 us and 1712 -> 2016 B. (All 3 rows of a 3x3 read
+    # so spilled 264 B, not 8, and bounded it at 29.0 us, not 27.9.)
     BY_ROWS_OF_PSI: tl.constexpr = KH == 1 and 1 < KW and KW * M <= 32 and TAP_GROUPS == 1
     atoms = (tl.zeros([COLUMNS], tl.float32),) * (PER_GROUP * M)
     dy_taps = ()
@@ -465,17 +470,14 @@ def input_grad_taps(acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr, w_p
         dy_columns = dy_columns + (dy_column,)
         tap_masks = tap_masks + (tap_ok,)
         coeff_taps = coeff_taps + ((coeff_tap, coeff_pix),)
-    if BY_ROWS_OF_PSI:  # (each atom still sums its bases in order: the same values)
-        for i in tl.static_range(KH):
-            for l in tl.static_range(L):
-                psi_row = basis_row(bases_ptr + l * stride_bases_l + i * stride_bases_h, stride_bases_w, None, KW,
-                                    COLUMNS)
-                for j in tl.static_range(KW):
-                    coeff_tap, coeff_pix = coeff_taps[i * KW + j]
-                    betas = basis_coefficients(coeff_tap, coeff_pix, tap_masks[i * KW + j], l, stride_coeff_c, M, L,
-                                               WIDE)
-                    for m in tl.static_range(M):
-                        atoms = add_at(atoms, (i * KW + j) * M + m, betas[m] * psi_row[j])
+    if BY_ROWS_OF_PSI:  # (one row, KH == 1; each atom still sums its bases in order: the same values)
+        for l in tl.static_range(L):
+            psi_row = basis_row(bases_ptr + l * stride_bases_l, stride_bases_w, None, KW, COLUMNS)
+            for j in tl.static_range(KW):
+                coeff_tap, coeff_pix = coeff_taps[j]
+                betas = basis_coefficients(coeff_tap, coeff_pix, tap_masks[j], l, stride_coeff_c, M, L, WIDE)
+                for m in tl.static_range(M):
+                    atoms = add_at(atoms, j * M + m, betas[m] * psi_row[j])
     # Taps no output pixel reads add nothing (their masked β times an Inf in Ψ would add NaN).
     zeroed = ()
     for k in tl.static_range(PER_GROUP * M):
@@ -596,7 +598,7 @@ def input_grad_launch(atom_coeff, bases, weight, grad_y, dx, geo: AtomConvGeomet
     pixels = geo.in_size[0] * geo.in_size[1]
     programs = launching.pixel_tiles(geo.batch, pixels, launch.BLOCK_P) * geo.groups * triton.cdiv(c_in_g, launch.BLOCK_O)
     launching.check_int32_indexing("H*W", pixels, launch.BLOCK_P, programs)
-    bases = launching.row_padded_bases(bases)  # (read by rows: `tiles.basis_row`)
+    bases = launching.row_padded_bases(bases)  # (its row passes read it by rows: `tiles.basis_row`)
     args = dict(
         dy_ptr=grad_y, coeff_ptr=atom_coeff, bases_ptr=bases, w_ptr=pack_transposed_weight(weight, geo.groups, launch),
         dx_ptr=dx, **_geometry_args(geo),

@@ -66,7 +66,8 @@ def atom_conv2d_fwd_kernel(
     """x [N, C_in, H, W], β (coeff) [N, M*L, H_out, W_out], Ψ (bases) [L, KH, KW], α (w) packed
     [cdiv(C_in_g, BLOCK_C), G, cdiv(C_out_g, BLOCK_O), M_DOT, BLOCK_O, BLOCK_C] contiguous
     (`pack_weight`), bias [C_out] or
-    None -> y [N, C_out, H_out, W_out]; x, β, Ψ, bias and y with any strides.
+    None -> y [N, C_out, H_out, W_out]; x, β, bias and y with any strides, Ψ's rows padded as
+    `launch.row_padded_bases` pads them (`tiles.basis_row` reads past KW).
 
     1-D grid of cdiv(N*H_out*W_out, BLOCK_P) * G * cdiv(C_out_g, BLOCK_O) programs; the
     output-channel tiles of one pixel tile are neighbours, so they find its x and β in L2.
@@ -103,7 +104,7 @@ def atom_conv2d_fwd_kernel(
         for i in range(KH):
             # Row i of the taps as a kernel of its own: 1 x KW, padding PH - i*DH rows.
             atoms = pixel_atoms(coeff_ptr, coeff_pix, pix_mask, stride_coeff_c, bases_ptr + i * stride_bases_h,
-                                stride_bases_l, stride_bases_h, stride_bases_w, M, L, 1, KW, 1, BLOCK_P, WIDE)
+                                stride_bases_l, stride_bases_h, stride_bases_w, M, L, 1, KW, 1, BLOCK_P, True, WIDE)
             if y_ptr.dtype.element_ty == tl.float16:
                 atoms = scaled_atoms(atoms, scale, M * KW)
             taps = tap_geometry(oh, ow, pix_mask, H, W, SH, SW, PH - i * DH, PW, DH, DW, stride_x_h, stride_x_w, 1,
@@ -114,7 +115,7 @@ def atom_conv2d_fwd_kernel(
                                             WIDE, DOT_PRECISION, INTERPRETED)
     else:
         atoms = pixel_atoms(coeff_ptr, coeff_pix, pix_mask, stride_coeff_c, bases_ptr, stride_bases_l, stride_bases_h,
-                            stride_bases_w, M, L, KH, KW, TAP_GROUPS, BLOCK_P, WIDE)
+                            stride_bases_w, M, L, KH, KW, TAP_GROUPS, BLOCK_P, True, WIDE)
         if y_ptr.dtype.element_ty == tl.float16:
             atoms, inverse_scale = scaled_to_unit_l1(atoms, M, PER_GROUP, TAP_GROUPS, BLOCK_P)
         taps = tap_geometry(oh, ow, pix_mask, H, W, SH, SW, PH, PW, DH, DW, stride_x_h, stride_x_w, KH, KW,

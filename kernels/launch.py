@@ -109,9 +109,9 @@ knows every row starts 16-element aligned and reads a row in one vector load."""
 
 def row_padded_bases(bases: torch.Tensor) -> torch.Tensor:
     """Ψ [L, KH, KW] as a view of the same shape whose rows are zero-padded to a stride of
-    BASES_ROW_STRIDE (or KW rounded up to a power of two, if more): what `tiles.pixel_atoms`
-    reads, a row at a time, KW rounded up to a power of two wide. One small torch copy (L * KH *
-    16 elements)."""
+    BASES_ROW_STRIDE (or KW rounded up to a power of two, if more): what `tiles.basis_row` reads,
+    a row at a time, KW rounded up to a power of two wide. One small torch copy (L * KH * that
+    stride elements)."""
     num_bases, kh, kw = bases.shape
     padded = bases.new_zeros(num_bases, kh, max(BASES_ROW_STRIDE, 1 << (kw - 1).bit_length()))
     padded[..., :kw] = bases

@@ -120,8 +120,8 @@ def kernel_launches(problem: dict, direction: str, dtype: torch.dtype, arch: str
     same for every arch, so `arch` is the model's contract only), which they use where no tuning
     data exists. The backward is `AtomConv2d`'s: dx, dβ and dα (its bases are
     a buffer, so no dΨ). Besides these launches the launchers run torch ops the model cannot see:
-    `pack_weight` (a copy of α, a few KB), `row_padded_bases` (a copy of Ψ with rows padded to 16,
-    L*KH*16 elements, in the forward, dα and dx), the sum of dα's partials (splits x |α| floats)
+    `pack_weight` (a copy of α, a few KB), `row_padded_bases` (a copy of Ψ with rows padded to 16
+    elements or more, L*KH*16 at KW <= 16, in the forward, dα and dx), the sum of dα's partials (splits x |α| floats)
     and d bias (a sum over dy, |y| bytes read)."""
     config = configs.default_config()
     kernels = {"forward": ("atom_conv2d_fwd",),

@@ -267,12 +267,18 @@ def test_taps_split_over_tap_groups(problem, dtype):
     check(tensors, kwargs, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("problem", [((3, 1), (1, 0)), ((2, 6), (1, 2)), ((1, 6), (0, 2))],
-                         ids=lambda p: "k{}-p{}".format(*p))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("problem", [((3, 1), 1, (1, 0), 1), ((2, 6), 1, (1, 2), 1), ((1, 6), 1, (0, 2), 1),
+                                     ((1, 6), 2, (0, 2), 1), ((1, 5), 1, (0, 4), (1, 2))],
+                         ids=lambda p: "k{}-s{}-p{}-d{}".format(*p))
 def test_rows_of_bases_of_any_width(problem, dtype):
     """Rows of Ψ one value wide (read one value at a time) or not a power of two wide (one wider
     vector load, whose padding must not reach the atoms): in dα, and in dx where its taps are one
-    row (1 x 6, as each pass of a kernel run by rows of taps)."""
-    kernel, padding = problem
-    check(*make_problem(2, 5, 6, (7, 6), kernel, 1, padding, num_atoms=5, num_bases=4), dtype)
+    row (1 x 6 and 1 x 5, as each pass of a kernel run by rows of taps), with unit stride (a tap's
+    row, then its column, added to the addresses), stride 2 (per-pixel offsets) and a dilated row
+    (a runtime column offset)."""
+    kernel, stride, padding, dilation = problem
+    tensors, kwargs = make_problem(2, 5, 6, (7, 6), kernel, stride, padding, dilation, num_atoms=5, num_bases=4)
+    launch = backward.input_grad_tile_launch(configs.default_config(), validate_atom_conv2d(*tensors, **kwargs))
+    assert launch.TAP_GROUPS == 1  # (dx reads Ψ by rows only in one tap group, where kernel[0] == 1)
+    check(tensors, kwargs, dtype)

@@ -64,7 +64,7 @@ from . import launch as launching
 from .configs import (TileConfig, TileLaunch, arch_of, even_chunks, fit_tile_config, pow2_at_least, row_passes,
                       tile_candidates, default_config, tuned_config, weight_grad_chunks, weight_grad_programs,
                       weight_grad_splits)
-from .forward import forward_footprint, pack_weight, zero_padded_weight
+from .forward import forward_footprint, pack_weight, reads_rows_of_bases, zero_padded_weight
 from .launch import INTERPRETING, Launch, check_runnable, dot_precision, pixel_run, needs_wide_offsets, strides
 from .tiles import (add_at, atom_l1_bound, atom_times_features, basis_at_tap, basis_coefficients, basis_row,
                     coefficient_sum, column_blocks, column_tap, columns_tile, dot_operand, existing_taps_only,
@@ -232,12 +232,13 @@ def atom_conv2d_bwd_weight_kernel(
     SPLITS,
     M: tl.constexpr, L: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_P: tl.constexpr, TAP_GROUPS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
-    M_DOT: tl.constexpr, WIDE_ATOMS: tl.constexpr, CHUNKS: tl.constexpr, EVEN_C: tl.constexpr,
-    FLAT_DY: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    M_DOT: tl.constexpr, WIDE_ATOMS: tl.constexpr, CHUNKS: tl.constexpr, ROWS_OF_PSI: tl.constexpr,
+    EVEN_C: tl.constexpr, FLAT_DY: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     """x [N, C_in, H, W], β (coeff) [N, M*L, H_out, W_out], Ψ (bases) [L, KH, KW],
-    dy [N, C_out, H_out, W_out], any strides (Ψ's rows padded by `launch.row_padded_bases`: 16-bit
-    kernels read them whole) -> dα partials (dw) [SPLITS, C_out,
+    dy [N, C_out, H_out, W_out], any strides (Ψ's rows padded by `launch.row_padded_bases` where
+    ROWS_OF_PSI, `weight_grad_reads_rows_of_bases`: stage 1 reads them whole) -> dα partials (dw) [SPLITS, C_out,
     cdiv(C_in_g, BLOCK_C), M_DOT, BLOCK_C] float32 contiguous, packed like `pack_weight_rows`:
     split s holds Σ over pixel tiles s, s + SPLITS, ... of dy @ Zᵀ. Columns that are padding
     (channels past the group, atoms past M) hold garbage; the launcher drops them. EVEN_C:
@@ -269,9 +270,8 @@ def atom_conv2d_bwd_weight_kernel(
         n, pix, oh, ow, pix_mask = pixel_tile(pixel_tile_id, N, H_out, W_out, BLOCK_P, TAP_GROUPS, FLAT_DY)  # per column
         n = n.to(tl.int32)  # (its offsets are int32 unless WIDE)
         coeff_pix = offset(n, stride_coeff_n, WIDE) + offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE)
-        # Ψ by rows in 16 bits only: in float32 the default spills 8.5 KB on sm_90 that way, 2.2 KB without.
         atoms = pixel_atoms(coeff_ptr, coeff_pix, pix_mask, stride_coeff_c, bases_ptr, stride_bases_l, stride_bases_h,
-                            stride_bases_w, M, L, KH, KW, TAP_GROUPS, BLOCK_P, dtype != tl.float32, WIDE)
+                            stride_bases_w, M, L, KH, KW, TAP_GROUPS, BLOCK_P, ROWS_OF_PSI, WIDE)
         if dtype == tl.float16:
             # The dot sums over pixels: one power of two for the tile, from its largest atom norm.
             tile_scale, inverse_scale = pow2_scale(tl.max(atom_l1_bound(atoms, M, PER_GROUP, TAP_GROUPS, BLOCK_P), axis=0))
@@ -346,13 +346,14 @@ def atom_conv2d_bwd_input_kernel(
     stride_dx_n, stride_dx_c, stride_dx_h, stride_dx_w,
     M: tl.constexpr, L: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_P: tl.constexpr, TAP_GROUPS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
-    ATOMS_PER_DOT: tl.constexpr, ROW_PASSES: tl.constexpr, EVEN_C: tl.constexpr, FLAT_DX: tl.constexpr,
-    UNIT_STRIDE: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    ATOMS_PER_DOT: tl.constexpr, ROW_PASSES: tl.constexpr, ROWS_OF_PSI: tl.constexpr, EVEN_C: tl.constexpr,
+    FLAT_DX: tl.constexpr, UNIT_STRIDE: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     """dy [N, C_out, H_out, W_out], β (coeff) [N, M*L, H_out, W_out], Ψ (bases) [L, KH, KW],
     α (w) transposed per group and packed (`pack_transposed_weight`) -> dx [N, C_in, H, W]; any
-    strides but w's and Ψ's, whose rows are padded by `launch.row_padded_bases` (row passes read
-    them whole).
+    strides but w's, and Ψ's where ROWS_OF_PSI (`input_grad_reads_rows_of_bases`: the row passes
+    read its rows whole from `launch.row_padded_bases`).
 
     The forward's tiling of the transposed problem: BLOCK_P input pixels (times TAP_GROUPS
     columns), BLOCK_O input channels (the dot's rows), output channels reduced in chunks of
@@ -385,15 +386,15 @@ def atom_conv2d_bwd_input_kernel(
                 acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr + i * stride_bases_h, w_ptr, w_chunk, ih,
                 iw, q_mask, H_out, W_out, C_out_g, SH, SW, PH - i * DH, PW, DH, DW, stride_dy_c, stride_dy_h,
                 stride_dy_w, stride_coeff_c, stride_coeff_h, stride_coeff_w, stride_bases_l, stride_bases_h,
-                stride_bases_w, M, L, 1, KW, 1, BLOCK_P, BLOCK_C, ATOMS_PER_DOT, EVEN_C, UNIT_STRIDE, True,
-                dx_ptr.dtype.element_ty == tl.float16, WIDE, DOT_PRECISION, INTERPRETED)
+                stride_bases_w, M, L, 1, KW, 1, BLOCK_P, BLOCK_C, ATOMS_PER_DOT, EVEN_C, UNIT_STRIDE, ROWS_OF_PSI,
+                True, dx_ptr.dtype.element_ty == tl.float16, WIDE, DOT_PRECISION, INTERPRETED)
     else:
         acc, scale, inverse_scale = input_grad_taps(
             acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr, w_ptr, w_chunk, ih, iw, q_mask, H_out, W_out,
             C_out_g, SH, SW, PH, PW, DH, DW, stride_dy_c, stride_dy_h, stride_dy_w, stride_coeff_c, stride_coeff_h,
             stride_coeff_w, stride_bases_l, stride_bases_h, stride_bases_w, M, L, KH, KW, TAP_GROUPS, BLOCK_P, BLOCK_C,
-            ATOMS_PER_DOT, EVEN_C, UNIT_STRIDE, False, dx_ptr.dtype.element_ty == tl.float16, WIDE, DOT_PRECISION,
-            INTERPRETED)
+            ATOMS_PER_DOT, EVEN_C, UNIT_STRIDE, ROWS_OF_PSI, False, dx_ptr.dtype.element_ty == tl.float16, WIDE,
+            DOT_PRECISION, INTERPRETED)
 
     if dx_ptr.dtype.element_ty == tl.float16:
         acc *= inverse_scale[None, :]
@@ -410,8 +411,9 @@ def input_grad_taps(acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr, w_p
                     stride_coeff_h, stride_coeff_w, stride_bases_l, stride_bases_h, stride_bases_w,
                     M: tl.constexpr, L: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TAP_GROUPS: tl.constexpr,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ATOMS_PER_DOT: tl.constexpr,
-                    EVEN_C: tl.constexpr, UNIT_STRIDE: tl.constexpr, RESCALE: tl.constexpr, SCALED: tl.constexpr,
-                    WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+                    EVEN_C: tl.constexpr, UNIT_STRIDE: tl.constexpr, ROWS_OF_PSI: tl.constexpr,
+                    RESCALE: tl.constexpr, SCALED: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    INTERPRETED: tl.constexpr):
     """The dx kernel's stages 1-3 for the KH x KW taps of Ψ (bases_ptr) and padding PH, every
     output-channel chunk: (acc, scale, inverse_scale) with acc [BLOCK_O, BLOCK_P] += Σ_o,m α U.
     dy_ptr and coeff_ptr [COLUMNS] are at each column's sample (dy at the group's first channel);
@@ -420,7 +422,9 @@ def input_grad_taps(acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr, w_p
     which becomes the new scale; RESCALE: acc (from earlier passes) is brought to it first.
     UNIT_STRIDE: SH == SW == 1, so the output pixel that reads q through a tap is q shifted by a
     constant: with one tap group, a tap's dy and β offsets are then one vector, plus the tap row's
-    scalar, plus its column's (a constant where DW and the W strides are 1), added in that order."""
+    scalar, plus its column's (a constant where DW and the W strides are 1), added in that order.
+    ROWS_OF_PSI (a one-row kernel, KW > 1, one tap group): each row of Ψ is read in one vector load
+    (`tiles.basis_row`), the bases outside the tap loop."""
     TAPS: tl.constexpr = KH * KW
     PER_GROUP: tl.constexpr = (TAPS + TAP_GROUPS - 1) // TAP_GROUPS
     COLUMNS: tl.constexpr = TAP_GROUPS * BLOCK_P
@@ -432,11 +436,7 @@ def input_grad_taps(acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr, w_p
         coeff_q = offset(ih + PH, stride_coeff_h, WIDE) + offset(iw + PW, stride_coeff_w, WIDE)
     else:
         dy_pix = 0
-    # A one-row kernel (a row pass) of up to 32 atoms reads its row of Ψ whole (`tiles.basis_row`),
-    # bases outside its taps. Measured on sm_90 fp16 at M=6 (static model): 5 taps wide, 142 -> 133 us
-    # and 800 -> 592 B of spills; 7 wide, 312 -> 320 us and 1712 -> 2016 B. (All 3 rows of a 3x3 read
-    # so spilled 264 B, not 8, and bounded it at 29.0 us, not 27.9.)
-    BY_ROWS_OF_PSI: tl.constexpr = KH == 1 and 1 < KW and KW * M <= 32 and TAP_GROUPS == 1
+    tl.static_assert(not ROWS_OF_PSI or (KH == 1 and KW > 1 and TAP_GROUPS == 1), "rows of Ψ: one row, one group")
     atoms = (tl.zeros([COLUMNS], tl.float32),) * (PER_GROUP * M)
     dy_taps = ()
     dy_columns = ()
@@ -459,7 +459,7 @@ def input_grad_taps(acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr, w_p
             dy_column = 0
             coeff_tap = coeff_ptr
             coeff_pix = offset(oh, stride_coeff_h, WIDE) + offset(ow, stride_coeff_w, WIDE)
-        if not BY_ROWS_OF_PSI:
+        if not ROWS_OF_PSI:
             for l in tl.static_range(L):
                 psi = basis_at_tap(bases_ptr, l, t, exists, stride_bases_l, stride_bases_h, stride_bases_w, KW,
                                    TAP_GROUPS)
@@ -470,7 +470,7 @@ def input_grad_taps(acc, scale, inverse_scale, dy_ptr, coeff_ptr, bases_ptr, w_p
         dy_columns = dy_columns + (dy_column,)
         tap_masks = tap_masks + (tap_ok,)
         coeff_taps = coeff_taps + ((coeff_tap, coeff_pix),)
-    if BY_ROWS_OF_PSI:  # (one row, KH == 1; each atom still sums its bases in order: the same values)
+    if ROWS_OF_PSI:  # (one row, KH == 1; each atom still sums its bases in order: the same values)
         for l in tl.static_range(L):
             psi_row = basis_row(bases_ptr + l * stride_bases_l, stride_bases_w, None, KW, COLUMNS)
             for j in tl.static_range(KW):
@@ -574,7 +574,9 @@ def weight_grad_launch(x, atom_coeff, bases, grad_y, dweight_partials, geo: Atom
     programs_per_split = weight_grad_programs(geo, launch, x.dtype)
     launching.check_int32_indexing("H_out*W_out", geo.out_size[0] * geo.out_size[1], launch.BLOCK_P,
                                    programs_per_split * splits)
-    bases = launching.row_padded_bases(bases)  # (read by rows: `tiles.pixel_atoms`)
+    rows_of_bases = weight_grad_reads_rows_of_bases(geo, launch, x.dtype)
+    if rows_of_bases:
+        bases = launching.row_padded_bases(bases)
     args = dict(
         x_ptr=x, coeff_ptr=atom_coeff, bases_ptr=bases, dy_ptr=grad_y, dw_ptr=dweight_partials,
         **_geometry_args(geo),
@@ -583,7 +585,7 @@ def weight_grad_launch(x, atom_coeff, bases, grad_y, dweight_partials, geo: Atom
         SPLITS=splits, **_shape_args(geo),
         BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
         M_DOT=launch.padded_atoms(geo.num_atoms), WIDE_ATOMS=wide_dot_atoms(geo, launch, x.dtype),
-        CHUNKS=weight_grad_chunks(geo, launch, x.dtype), EVEN_C=even_chunks(geo, launch),
+        CHUNKS=weight_grad_chunks(geo, launch, x.dtype), ROWS_OF_PSI=rows_of_bases, EVEN_C=even_chunks(geo, launch),
         FLAT_DY=pixel_run(grad_y),
         WIDE=needs_wide_offsets(x, atom_coeff, grad_y), DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,
     )
@@ -598,14 +600,16 @@ def input_grad_launch(atom_coeff, bases, weight, grad_y, dx, geo: AtomConvGeomet
     pixels = geo.in_size[0] * geo.in_size[1]
     programs = launching.pixel_tiles(geo.batch, pixels, launch.BLOCK_P) * geo.groups * triton.cdiv(c_in_g, launch.BLOCK_O)
     launching.check_int32_indexing("H*W", pixels, launch.BLOCK_P, programs)
-    bases = launching.row_padded_bases(bases)  # (its row passes read it by rows: `tiles.basis_row`)
+    rows_of_bases = input_grad_reads_rows_of_bases(geo, launch)
+    if rows_of_bases:
+        bases = launching.row_padded_bases(bases)
     args = dict(
         dy_ptr=grad_y, coeff_ptr=atom_coeff, bases_ptr=bases, w_ptr=pack_transposed_weight(weight, geo.groups, launch),
         dx_ptr=dx, **_geometry_args(geo),
         **strides("stride_dy", "nchw", grad_y), **strides("stride_coeff", "nchw", atom_coeff),
         **strides("stride_bases", "lhw", bases), **strides("stride_dx", "nchw", dx), **_shape_args(geo),
         BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
-        ATOMS_PER_DOT=launch.ATOMS_PER_DOT, ROW_PASSES=row_passes(geo),
+        ATOMS_PER_DOT=launch.ATOMS_PER_DOT, ROW_PASSES=row_passes(geo), ROWS_OF_PSI=rows_of_bases,
         EVEN_C=even_chunks(geo, launch, transposed=True), FLAT_DX=pixel_run(dx),
         UNIT_STRIDE=geo.stride == (1, 1), WIDE=needs_wide_offsets(grad_y, atom_coeff, dx),
         DOT_PRECISION=dot_precision(dx.dtype), INTERPRETED=INTERPRETING,
@@ -613,6 +617,29 @@ def input_grad_launch(atom_coeff, bases, weight, grad_y, dx, geo: AtomConvGeomet
     return Launch("atom_conv2d_bwd_input", atom_conv2d_bwd_input_kernel, args, (programs,), launch.num_warps,
                   launch.num_stages, loop_trips=((geo.kernel_size[0],) if row_passes(geo) else ())
                   + (triton.cdiv(c_out_g, launch.BLOCK_C),))
+
+
+def weight_grad_reads_rows_of_bases(geo: AtomConvGeometry, launch: TileLaunch, dtype: torch.dtype) -> bool:
+    """The dα kernel's ROWS_OF_PSI: whether stage 1 reads Ψ a row at a time, as the forward's
+    (`forward.reads_rows_of_bases`), which it does in 16 bits only: in float32 the default
+    spilled 8.5 KB at 32 registers on sm_90 that way, 2.2 KB at 255 without."""
+    return dtype.itemsize == 2 and reads_rows_of_bases(geo, launch)
+
+
+ROW_OF_PSI_ATOMS = 32
+"""dx reads Ψ by rows in passes of one row of at most this many atoms (KW * M)."""
+
+
+def input_grad_reads_rows_of_bases(geo: AtomConvGeometry, launch: TileLaunch) -> bool:
+    """The dx kernel's ROWS_OF_PSI: whether it reads each row of Ψ whole, bases outside the tap loop,
+    where its taps are one row: in row passes (`configs.row_passes`) or for a kernel one tap high;
+    only for rows of at most ROW_OF_PSI_ATOMS atoms, wider than one tap. Measured on sm_90 fp16 at
+    M=6 (static model): 5 taps wide, 142 -> 133 us and 800 -> 592 B of spills; 7 wide, 312 -> 320 us
+    and 1712 -> 2016 B. (All 3 rows of a 3x3 read so, not in row passes, spilled 264 B, not 8, and
+    bounded it at 29.0 us, not 27.9.)"""
+    kh, kw = geo.kernel_size
+    return ((row_passes(geo) or kh == 1) and launch.TAP_GROUPS == 1 and 1 < kw
+            and kw * geo.num_atoms <= ROW_OF_PSI_ATOMS)
 
 
 def input_grad_tile_launch(config: TileConfig, geo: AtomConvGeometry) -> TileLaunch:

@@ -60,14 +60,15 @@ def atom_conv2d_fwd_kernel(
     stride_y_n, stride_y_c, stride_y_h, stride_y_w,
     M: tl.constexpr, L: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_P: tl.constexpr, TAP_GROUPS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
-    ATOMS_PER_DOT: tl.constexpr, ROW_PASSES: tl.constexpr, EVEN_C: tl.constexpr, FLAT_Y: tl.constexpr,
-    WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    ATOMS_PER_DOT: tl.constexpr, ROW_PASSES: tl.constexpr, ROWS_OF_PSI: tl.constexpr, EVEN_C: tl.constexpr,
+    FLAT_Y: tl.constexpr, WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """x [N, C_in, H, W], β (coeff) [N, M*L, H_out, W_out], Ψ (bases) [L, KH, KW], α (w) packed
     [cdiv(C_in_g, BLOCK_C), G, cdiv(C_out_g, BLOCK_O), M_DOT, BLOCK_O, BLOCK_C] contiguous
     (`pack_weight`), bias [C_out] or
-    None -> y [N, C_out, H_out, W_out]; x, β, bias and y with any strides, Ψ's rows padded as
-    `launch.row_padded_bases` pads them (`tiles.basis_row` reads past KW).
+    None -> y [N, C_out, H_out, W_out]; x, β, bias and y with any strides, Ψ too unless
+    ROWS_OF_PSI (`reads_rows_of_bases`): then its rows are padded as `launch.row_padded_bases` pads
+    them (`tiles.basis_row` reads past KW).
 
     1-D grid of cdiv(N*H_out*W_out, BLOCK_P) * G * cdiv(C_out_g, BLOCK_O) programs; the
     output-channel tiles of one pixel tile are neighbours, so they find its x and β in L2.
@@ -104,7 +105,7 @@ def atom_conv2d_fwd_kernel(
         for i in range(KH):
             # Row i of the taps as a kernel of its own: 1 x KW, padding PH - i*DH rows.
             atoms = pixel_atoms(coeff_ptr, coeff_pix, pix_mask, stride_coeff_c, bases_ptr + i * stride_bases_h,
-                                stride_bases_l, stride_bases_h, stride_bases_w, M, L, 1, KW, 1, BLOCK_P, True, WIDE)
+                                stride_bases_l, stride_bases_h, stride_bases_w, M, L, 1, KW, 1, BLOCK_P, ROWS_OF_PSI, WIDE)
             if y_ptr.dtype.element_ty == tl.float16:
                 atoms = scaled_atoms(atoms, scale, M * KW)
             taps = tap_geometry(oh, ow, pix_mask, H, W, SH, SW, PH - i * DH, PW, DH, DW, stride_x_h, stride_x_w, 1,
@@ -115,7 +116,7 @@ def atom_conv2d_fwd_kernel(
                                             WIDE, DOT_PRECISION, INTERPRETED)
     else:
         atoms = pixel_atoms(coeff_ptr, coeff_pix, pix_mask, stride_coeff_c, bases_ptr, stride_bases_l, stride_bases_h,
-                            stride_bases_w, M, L, KH, KW, TAP_GROUPS, BLOCK_P, True, WIDE)
+                            stride_bases_w, M, L, KH, KW, TAP_GROUPS, BLOCK_P, ROWS_OF_PSI, WIDE)
         if y_ptr.dtype.element_ty == tl.float16:
             atoms, inverse_scale = scaled_to_unit_l1(atoms, M, PER_GROUP, TAP_GROUPS, BLOCK_P)
         taps = tap_geometry(oh, ow, pix_mask, H, W, SH, SW, PH, PW, DH, DW, stride_x_h, stride_x_w, KH, KW,
@@ -163,7 +164,9 @@ def forward_kernel_args(x, atom_coeff, bases, weight, bias, y, geo: AtomConvGeom
     The launcher and the static report both build the kernel's arguments here."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geo.kernel_size, geo.stride, geo.padding, geo.dilation
     c_in_g = geo.in_channels // geo.groups
-    bases = launching.row_padded_bases(bases)  # (read by rows: `pixel_atoms`)
+    rows_of_bases = reads_rows_of_bases(geo, launch)
+    if rows_of_bases:
+        bases = launching.row_padded_bases(bases)
     return dict(
         x_ptr=x, coeff_ptr=atom_coeff, bases_ptr=bases, w_ptr=pack_weight(weight, geo.groups, launch),
         bias_ptr=bias, y_ptr=y,
@@ -175,11 +178,18 @@ def forward_kernel_args(x, atom_coeff, bases, weight, bias, y, geo: AtomConvGeom
         stride_bias=0 if bias is None else bias.stride(0), **strides("stride_y", "nchw", y),
         M=geo.num_atoms, L=geo.num_bases, KH=kh, KW=kw,
         BLOCK_P=launch.BLOCK_P, TAP_GROUPS=launch.TAP_GROUPS, BLOCK_O=launch.BLOCK_O, BLOCK_C=launch.BLOCK_C,
-        ATOMS_PER_DOT=launch.ATOMS_PER_DOT, ROW_PASSES=row_passes(geo), EVEN_C=even_chunks(geo, launch),
-        FLAT_Y=pixel_run(y),
+        ATOMS_PER_DOT=launch.ATOMS_PER_DOT, ROW_PASSES=row_passes(geo), ROWS_OF_PSI=rows_of_bases,
+        EVEN_C=even_chunks(geo, launch), FLAT_Y=pixel_run(y),
         WIDE=needs_wide_offsets(x, atom_coeff, y),
         DOT_PRECISION=dot_precision(x.dtype), INTERPRETED=INTERPRETING,
     )
+
+
+def reads_rows_of_bases(geo: AtomConvGeometry, launch: TileLaunch) -> bool:
+    """The forward kernel's ROWS_OF_PSI: whether stage 1 reads Ψ a row at a time (`tiles.basis_row`),
+    from a copy whose rows the launcher pads. Wherever it can, with one tap group and KW > 1 (7x7,
+    sm_90 fp16, static model: Ψ's loads 28 -> 1 requests per pixel, bound 151 -> 144 us)."""
+    return launch.TAP_GROUPS == 1 and geo.kernel_size[1] > 1
 
 
 def pack_weight(weight: torch.Tensor, groups: int, launch: TileLaunch) -> torch.Tensor:

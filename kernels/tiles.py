@@ -269,9 +269,10 @@ def pixel_atoms(coeff_ptr, coeff_pix, coeff_mask, stride_coeff_c, bases_ptr, str
     each column's taps, entry k*M + m = A[m, t, p] = Σ_l β[m*L + l, p] · Ψ[l, t] with t the
     column's k-th tap (`column_tap`). coeff_ptr points at the sample's β, coeff_pix at each
     column's pixel within it; columns where coeff_mask is false, and taps that do not exist, get
-    zero atoms. ROWS_OF_PSI, with one tap group and KW > 1: each row of Ψ is read in one vector
-    load of KW rounded up to a power of two (`basis_row`; Ψ must be `launch.row_padded_bases`),
-    else a value at a time."""
+    zero atoms. ROWS_OF_PSI (the launcher's choice, with one tap group and KW > 1 only): each row of
+    Ψ is read in one vector load of KW rounded up to a power of two (`basis_row`; Ψ must be
+    `launch.row_padded_bases`), else a value at a time (Ψ with any strides)."""
+    tl.static_assert(not ROWS_OF_PSI or (TAP_GROUPS == 1 and KW > 1), "rows of Ψ: one tap group, KW > 1")
     TAPS: tl.constexpr = KH * KW
     PER_GROUP: tl.constexpr = (TAPS + TAP_GROUPS - 1) // TAP_GROUPS
     COLUMNS: tl.constexpr = TAP_GROUPS * BLOCK_P
@@ -282,7 +283,7 @@ def pixel_atoms(coeff_ptr, coeff_pix, coeff_mask, stride_coeff_c, bases_ptr, str
     # pixel tiles cannot hoist (and hold in registers) all L*KH*KW of it.
     for l in tl.static_range(L):
         betas = basis_coefficients(coeff_ptr, coeff_pix, coeff_mask, l, stride_coeff_c, M, L, WIDE)
-        if ROWS_OF_PSI and TAP_GROUPS == 1 and KW > 1:
+        if ROWS_OF_PSI:
             for i in tl.static_range(KH):
                 psi_row = basis_row(bases_ptr + l * stride_bases_l + i * stride_bases_h, stride_bases_w, coeff_mask,
                                     KW, COLUMNS)

@@ -121,7 +121,8 @@ def kernel_launches(problem: dict, direction: str, dtype: torch.dtype, arch: str
     data exists. The backward is `AtomConv2d`'s: dx, dβ and dα (its bases are
     a buffer, so no dΨ). Besides these launches the launchers run torch ops the model cannot see:
     `pack_weight` (a copy of α, a few KB), `row_padded_bases` (a copy of Ψ with rows padded to 16
-    elements or more, L*KH*16 at KW <= 16, in the forward, dα and dx), the sum of dα's partials (splits x |α| floats)
+    elements or more, L*KH*16 at KW <= 16, where a kernel reads Ψ by rows: its ROWS_OF_PSI; on
+    this problem the forward at every K, dα in 16 bits at K=3, dx at K=5), the sum of dα's partials (splits x |α| floats)
     and d bias (a sum over dy, |y| bytes read)."""
     config = configs.default_config()
     kernels = {"forward": ("atom_conv2d_fwd",),

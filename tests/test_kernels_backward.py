@@ -279,6 +279,10 @@ def test_rows_of_bases_of_any_width(problem, dtype):
     (a runtime column offset)."""
     kernel, stride, padding, dilation = problem
     tensors, kwargs = make_problem(2, 5, 6, (7, 6), kernel, stride, padding, dilation, num_atoms=5, num_bases=4)
-    launch = backward.input_grad_tile_launch(configs.default_config(), validate_atom_conv2d(*tensors, **kwargs))
-    assert launch.TAP_GROUPS == 1  # (dx reads Ψ by rows only in one tap group, where kernel[0] == 1)
+    geo = validate_atom_conv2d(*tensors, **kwargs)
+    # The row reads this test is for: dx's where the taps are one row, dα's wherever a row is wider than one.
+    assert backward.input_grad_reads_rows_of_bases(
+        geo, backward.input_grad_tile_launch(configs.default_config(), geo)) == (kernel[0] == 1)
+    assert backward.weight_grad_reads_rows_of_bases(geo, configs.fit_tile_config(configs.default_config(), geo),
+                                                    dtype) == (kernel[1] > 1 and dtype.itemsize == 2)
     check(tensors, kwargs, dtype)

@@ -216,6 +216,34 @@ def test_pixel_run_divides_the_pixel_count(shape, sliced, expected):
         assert (shape[2] * shape[3]) % run == 0
 
 
+@pytest.mark.parametrize("kernel, kernel_size, num_atoms, dtype, by_rows", [
+    ("atom_conv2d_fwd", 3, 6, torch.float16, True),
+    ("atom_conv2d_fwd", 7, 6, torch.float32, True),     # row passes
+    ("atom_conv2d_fwd", 7, 12, torch.float16, False),   # a row of 84 atoms: tap groups
+    ("atom_conv2d_bwd_weight", 3, 6, torch.bfloat16, True),
+    ("atom_conv2d_bwd_weight", 3, 6, torch.float32, False),
+    ("atom_conv2d_bwd_weight", 5, 6, torch.float16, False),  # tap groups
+    ("atom_conv2d_bwd_input", 3, 6, torch.float16, False),
+    ("atom_conv2d_bwd_input", 5, 6, torch.float16, True),   # row passes of 30 atoms
+    ("atom_conv2d_bwd_input", 7, 6, torch.float16, False),  # row passes of 42
+    ("atom_conv2d_bwd_coeff", 3, 6, torch.float16, False),
+])
+def test_bases_padded_only_for_kernels_that_read_them_by_rows(kernel, kernel_size, num_atoms, dtype, by_rows):
+    """A launcher decides once whether its kernel reads Ψ a row at a time (ROWS_OF_PSI) and pads
+    Ψ's rows (`launch.row_padded_bases`, a torch copy) only then: elsewhere the kernel gets the
+    caller's Ψ."""
+    from kernels import configs
+    from perf import static_report
+    problem = dict(static_report.problem_at(kernel_size), num_atoms=num_atoms)
+    run = static_report.kernel_launch(kernel, problem, dtype, configs.default_config())
+    bases = run.args["bases_ptr"]
+    assert run.args.get("ROWS_OF_PSI", False) == by_rows
+    assert bases.shape[1:] == (kernel_size, kernel_size)
+    expected_row_stride = max(launch.BASES_ROW_STRIDE, 1 << (kernel_size - 1).bit_length()) if by_rows else kernel_size
+    assert (run.args["stride_bases_h"], run.args["stride_bases_w"]) == (bases.stride(1), bases.stride(2)) \
+        == (expected_row_stride, 1)
+
+
 @pytest.mark.parametrize("kernel_size", [(1, 1), (3, 3), (5, 3), (7, 7), (3, 17)])
 def test_row_padded_bases_hold_a_whole_power_of_two_row(kernel_size):
     """`tiles.basis_row` reads KW rounded up to a power of two values of each row of Ψ in one

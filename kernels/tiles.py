@@ -194,6 +194,12 @@ def add_at(values, i: tl.constexpr, term):
 
 
 @triton.jit
+def fma_at(values, i: tl.constexpr, a, b):
+    """The tuple `values` with values[i] = a * b + values[i], rounded once (`tl.fma`)."""
+    return values[:i] + (tl.fma(a, b, values[i]),) + values[i + 1:]
+
+
+@triton.jit
 def dot_operand(t, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
     """A tile as a tensor-core dot with `dtype` operands reads it: an fp32 tile rounded to dtype
     (to nearest even), a tile already in dtype as it is. Under the interpreter the operand is
@@ -369,6 +375,15 @@ def scaled_atoms(atoms, scale, COUNT: tl.constexpr):
 
 
 @triton.jit
+def half_atoms(atoms, COUNT: tl.constexpr):
+    """Every atom rounded to float16, for stage 2 to sum in float16 (`atom_times_features`)."""
+    rounded = ()
+    for k in tl.static_range(COUNT):
+        rounded = rounded + (atoms[k].to(tl.float16),)
+    return rounded
+
+
+@triton.jit
 def scaled_to_unit_l1(atoms, M: tl.constexpr, PER_GROUP: tl.constexpr, TAP_GROUPS: tl.constexpr,
                       BLOCK_P: tl.constexpr):
     """(atoms, inverse): the atoms of each pixel multiplied by the power of two s[p] that keeps
@@ -380,18 +395,22 @@ def scaled_to_unit_l1(atoms, M: tl.constexpr, PER_GROUP: tl.constexpr, TAP_GROUP
 @triton.jit
 def atom_times_features(x_ptrs, stride_x_c, channels_left, taps, atoms, M: tl.constexpr, PER_GROUP: tl.constexpr,
                         EVEN_C: tl.constexpr, BLOCK_C: tl.constexpr, COLUMNS: tl.constexpr, WIDE: tl.constexpr):
-    """Stage 2 for one channel chunk: the tuple of M * BLOCK_C rows [COLUMNS] fp32 of Z, entry
+    """Stage 2 for one channel chunk: the tuple of M * BLOCK_C rows [COLUMNS] of Z, entry
     m * BLOCK_C + c: Z[m][c, q] = Σ_k A[m, t_k, q] · x[c, tap t_k of q] over the column's taps, x
     zero outside the image (the padding) and for channels c >= channels_left (unless EVEN_C: none
     are). x_ptrs [COLUMNS] point at x[n, the chunk's first channel, oh*SH - PH, ow*SW - PW] (the
     corner of each pixel's window); taps as `tap_geometry`, atoms as `pixel_atoms` make them.
+
+    Z has the atoms' dtype: fp32, or float16 atoms (`half_atoms`) whose products x is summed by
+    in float16 with one rounding each (`tl.fma`, two per HFMA2 instruction, x not widened).
 
     Each channel is loaded and summed as a row [COLUMNS] of its own, and a caller stacks rows
     into the tile its dot reads (`rows_tile`, `columns_tile`): a column's channels then stay in
     its thread with any Triton (a 2-D load lets Triton 3.6 spread a pixel's channels over
     threads, and move every atom)."""
     row_offsets, column_offsets, masks = taps
-    z_rows = (tl.zeros([COLUMNS], tl.float32),) * (M * BLOCK_C)  # entry m*BLOCK_C + c: Z[m][c, :]
+    HALF: tl.constexpr = atoms[0].dtype == tl.float16  # (`half_atoms`)
+    z_rows = (tl.zeros([COLUMNS], atoms[0].dtype),) * (M * BLOCK_C)  # entry m*BLOCK_C + c: Z[m][c, :]
     for c in tl.static_range(BLOCK_C):
         x_chan = x_ptrs + offset(c, stride_x_c, WIDE)
         for k in tl.static_range(PER_GROUP):
@@ -399,9 +418,14 @@ def atom_times_features(x_ptrs, stride_x_c, channels_left, taps, atoms, M: tl.co
             if not EVEN_C:
                 # (compared as a vector: the interpreter's bool scalar & vector is int32)
                 tap_mask = tap_mask & (tl.full([COLUMNS], c, tl.int32) < channels_left)
-            x_tap = tl.load(x_chan + row_offsets[k] + column_offsets[k], mask=tap_mask, other=0.0).to(tl.float32)
-            for m in tl.static_range(M):
-                z_rows = add_at(z_rows, m * BLOCK_C + c, atoms[k * M + m] * x_tap)
+            x_tap = tl.load(x_chan + row_offsets[k] + column_offsets[k], mask=tap_mask, other=0.0)
+            if HALF:
+                for m in tl.static_range(M):
+                    z_rows = fma_at(z_rows, m * BLOCK_C + c, atoms[k * M + m], x_tap)
+            else:
+                x_tap = x_tap.to(tl.float32)
+                for m in tl.static_range(M):
+                    z_rows = add_at(z_rows, m * BLOCK_C + c, atoms[k * M + m] * x_tap)
     return z_rows
 
 
@@ -476,8 +500,12 @@ def coefficient_sum(acc, z, w_ptr, chan_mask, M: tl.constexpr, EVEN_C: tl.conste
         else:  # (TAP_GROUPS is 1: `configs.fit_tile_config` pairs atoms only then)
             rows = z[k * BLOCK_C:(k + 2) * BLOCK_C]
             if k + 1 == M:
-                rows = rows + (tl.zeros([BLOCK_P], tl.float32),) * BLOCK_C
+                rows = rows + (tl.zeros([BLOCK_P], z[0].dtype),) * BLOCK_C
             operand = rows_tile(rows, 2 * BLOCK_C, BLOCK_P)
+        if operand.dtype == dtype and not INTERPRETED:
+            # An opaque add: Triton 3.9 otherwise folds the transpose of a 16-bit tile of registers
+            # into the dot's shared-memory operand and aborts ("Illegal shared layout").
+            operand = operand + 0.0
         if not EVEN_C:
             rows_ok = tl.reshape(tl.broadcast_to(chan_mask[None, :], [PER_DOT * TAP_GROUPS, BLOCK_C]), [PER_DOT * ROWS])
             operand = tl.where(rows_ok[:, None], operand, 0.0)

@@ -232,3 +232,57 @@ def test_taps_split_over_tap_groups(problem, dtype):
     assert not configs.row_passes(geo)
     assert forward.forward_tile_launch(configs.default_config(), geo).TAP_GROUPS > 1
     check(tensors, kwargs, dtype)
+
+
+@pytest.mark.parametrize("kernel_size, num_atoms, dtype, taps_per_sum", [
+    (3, 6, torch.float16, 9),
+    (3, 6, torch.bfloat16, None),  # (bfloat16's 8-bit mantissa: its sums stay in fp32)
+    (3, 6, torch.float32, None),
+    (5, 6, torch.float16, 5),      # row passes: one row of taps a sum
+    (7, 6, torch.float16, 7),
+    (7, 1, torch.float16, 49),     # 49 atoms fit a thread: no row passes, all 49 taps in one sum
+])
+def test_float16_sums_its_taps_in_half_where_a_sum_is_short(kernel_size, num_atoms, dtype, taps_per_sum):
+    """HALF_SUMS, the launcher's choice: float16 only, and only where one sum of stage 2 (a column's
+    taps in one pass) has at most HALF_SUM_TAPS terms."""
+    from perf import static_report
+    problem = dict(static_report.problem_at(kernel_size), num_atoms=num_atoms)
+    run = static_report.kernel_launch("atom_conv2d_fwd", problem, dtype, configs.default_config())
+    expected = taps_per_sum is not None and taps_per_sum <= forward.HALF_SUM_TAPS
+    assert run.args["HALF_SUMS"] == expected
+    if taps_per_sum is not None:
+        kh, kw = run.args["KH"], run.args["KW"]
+        taps = kw if run.args["ROW_PASSES"] else -(-kh * kw // run.args["TAP_GROUPS"])
+        assert taps == taps_per_sum
+
+
+@pytest.mark.parametrize("kernel_size, padding", [(3, 1), (7, 3)])
+def test_float16_sums_in_half_stay_close_to_sums_in_fp32(kernel_size, padding, monkeypatch):
+    """Summing stage 2 in float16 rounds once per tap: its error against the float64 reference may
+    grow, but stays within the float16 tolerance and within 2x the same kernel's with fp32 sums
+    (HALF_SUM_TAPS = 0 turns them off)."""
+    tensors, kwargs = make_problem(1, 24, 8, (9, 9), kernel_size, padding=padding, num_atoms=6, num_bases=6, bias=False)
+    inputs = to(tensors, torch.float16)
+    expected = reference(inputs, kwargs)
+    geo = validate_atom_conv2d(*inputs, **kwargs)
+    assert forward.sums_taps_in_half(geo, forward.forward_tile_launch(configs.default_config(), geo), torch.float16)
+    half = kernels.atom_conv2d_forward(*inputs, **kwargs)
+    monkeypatch.setattr(forward, "HALF_SUM_TAPS", 0)
+    single = kernels.atom_conv2d_forward(*inputs, **kwargs)
+    assert_close(half, expected, torch.float16)
+    errors = [(y.double().cpu() - expected).abs().max().item() for y in (half, single)]
+    assert errors[0] <= 2 * errors[1], errors
+
+
+def test_float16_sums_in_half_of_inputs_near_the_float16_max():
+    """x near float16's largest value: the atoms are scaled to an L1 norm below 1, so no partial
+    float16 sum of stage 2 passes max |x| (no Inf), and y is as accurate as elsewhere."""
+    tensors, kwargs = make_problem(1, 8, 4, (6, 7), 3, padding=1, num_atoms=6, num_bases=6, bias=False)
+    x, atom_coeff, bases, weight, bias = to(tensors, torch.float16)
+    x = torch.where(x >= 0, 65000.0, -65000.0).to(x.dtype)
+    # α scaled so that y itself fits float16 (max |y| about 1e4)
+    weight = (weight * (1e4 / reference((x, atom_coeff, bases, weight, bias), kwargs).abs().max())).to(x.dtype)
+    inputs = (x, atom_coeff, bases, weight, bias)
+    y = kernels.atom_conv2d_forward(*inputs, **kwargs)
+    assert torch.isfinite(y).all()
+    assert_close(y, reference(inputs, kwargs), torch.float16)

@@ -401,8 +401,8 @@ def atom_times_features(x_ptrs, stride_x_c, channels_left, taps, atoms, M: tl.co
     are). x_ptrs [COLUMNS] point at x[n, the chunk's first channel, oh*SH - PH, ow*SW - PW] (the
     corner of each pixel's window); taps as `tap_geometry`, atoms as `pixel_atoms` make them.
 
-    Z has the atoms' dtype: fp32, or float16 atoms (`half_atoms`) whose products x is summed by
-    in float16 with one rounding each (`tl.fma`, two per HFMA2 instruction, x not widened).
+    Z has the atoms' dtype: fp32, or float16 for float16 atoms (`half_atoms`), whose products with
+    x are summed in float16, one rounding each (`tl.fma`, two per HFMA2 instruction; x as loaded).
 
     Each channel is loaded and summed as a row [COLUMNS] of its own, and a caller stacks rows
     into the tile its dot reads (`rows_tile`, `columns_tile`): a column's channels then stay in

@@ -502,10 +502,14 @@ def coefficient_sum(acc, z, w_ptr, chan_mask, M: tl.constexpr, EVEN_C: tl.conste
             if k + 1 == M:
                 rows = rows + (tl.zeros([BLOCK_P], z[0].dtype),) * BLOCK_C
             operand = rows_tile(rows, 2 * BLOCK_C, BLOCK_P)
-        if operand.dtype == dtype and not INTERPRETED:
-            # An opaque add: Triton 3.9 otherwise folds the transpose of a 16-bit tile of registers
-            # into the dot's shared-memory operand and aborts ("Illegal shared layout").
-            operand = operand + 0.0
+        if operand.dtype == dtype and dtype.primitive_bitwidth == 16 and not INTERPRETED:
+            # An identity Triton cannot see through (a PTX move of each 16-bit pair, which ptxas
+            # drops): Triton (3.6 and 3.9) otherwise folds the transpose of a 16-bit tile of registers
+            # into the dot's shared-memory operand and aborts ("Illegal shared layout"). The `+ 0.0`
+            # that did this before cost 8 HADD2 a dot and held more registers (3x3 forward, sm_90,
+            # Triton 3.9: 201 -> 163).
+            operand = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [operand], dtype=operand.dtype,
+                                                is_pure=True, pack=2)
         if not EVEN_C:
             rows_ok = tl.reshape(tl.broadcast_to(chan_mask[None, :], [PER_DOT * TAP_GROUPS, BLOCK_C]), [PER_DOT * ROWS])
             operand = tl.where(rows_ok[:, None], operand, 0.0)

@@ -96,7 +96,8 @@ def atom_conv2d_bwd_coeff_kernel(
     1-D grid of cdiv(N*H_out*W_out, BLOCK_P) programs; each loops over the channel chunks of
     every group, since dβ sums over all of them. BLOCK_O output channels per step of dZ's dots,
     WIDE_ATOMS (a power of two, `wide_dot_atoms`) atoms per dot. With TAP_GROUPS > 1 each column (one
-    pixel's group of taps) has the dZ of its pixel. EVEN_C: C_in_g is a multiple of BLOCK_C.
+    pixel's group of taps) gets the dZ of its pixel after the dots, which take a row per pixel
+    (`to_columns`). EVEN_C: C_in_g is a multiple of BLOCK_C.
     DY_RESIDENT (`dy_resident`): dZ's dots take one step (C_out_g <= BLOCK_O), so a group's dyᵀ is
     loaded once for all its chunks, and its dot operand stays in shared memory across them.
     """
@@ -105,9 +106,14 @@ def atom_conv2d_bwd_coeff_kernel(
     COLUMNS: tl.constexpr = TAP_GROUPS * BLOCK_P
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
-    n, pix, oh, ow, pix_mask = pixel_tile(pid, N, H_out, W_out, BLOCK_P, TAP_GROUPS, FLAT_DY)  # per column
+    n, _, oh, ow, pix_mask = pixel_tile(pid, N, H_out, W_out, BLOCK_P, TAP_GROUPS, FLAT_DY)  # per column
     n = n.to(tl.int32)  # (its offsets are int32 unless WIDE)
-    dy_pix = offset(n, stride_dy_n, WIDE) + pixel_offset(pix, oh, ow, stride_dy_h, stride_dy_w, FLAT_DY, WIDE)
+    # dZ depends on the pixel only: its dots take a row per pixel, not per column (with tap groups,
+    # TAP_GROUPS times fewer rows), and each column gets its pixel's row after the dots.
+    out_n, out_pix, out_h, out_w, out_mask = pixel_tile(pid, N, H_out, W_out, BLOCK_P, 1, FLAT_DY)  # per pixel
+    out_n = out_n.to(tl.int32)
+    dy_pix = offset(out_n, stride_dy_n, WIDE) + pixel_offset(out_pix, out_h, out_w, stride_dy_h, stride_dy_w, FLAT_DY,
+                                                             WIDE)
     x_pix = offset(n, stride_x_n, WIDE) + offset(oh * SH - PH, stride_x_h, WIDE) \
         + offset(ow * SW - PW, stride_x_w, WIDE)  # window corner
     row_offsets, column_offsets, tap_masks = tap_geometry(oh, ow, pix_mask, H, W, SH, SW, PH, PW, DH, DW, stride_x_h,
@@ -121,22 +127,22 @@ def atom_conv2d_bwd_coeff_kernel(
     d_atoms = (tl.zeros([COLUMNS], tl.float32),) * (PER_GROUP * M)  # entry k*M + m: dA[m, the column's tap k]
     for group in range(G):
         if DY_RESIDENT:
-            dy_group = dot_operand(transposed_grad_output(dy_ptr, dy_pix, pix_mask, group * C_out_g, out_chan,
+            dy_group = dot_operand(transposed_grad_output(dy_ptr, dy_pix, out_mask, group * C_out_g, out_chan,
                                                           out_chan < C_out_g, stride_dy_c, WIDE), dtype, INTERPRETED)
         for chunk in range(num_chunks):
             c = chunk * BLOCK_C + chan
             chan_mask = c < C_in_g
-            # dZᵀ[m] [COLUMNS, BLOCK_C] = dyᵀ @ α_m over the group's output channels (pixels as the
+            # dZᵀ[m] [BLOCK_P, BLOCK_C] = dyᵀ @ α_m over the group's output channels (pixels as the
             # dot's rows: BLOCK_C may be 8, below a tensor-core tile's 16 rows), WIDE_ATOMS atoms per
             # dot: each dot reads dyᵀ from shared memory once for all its columns.
-            dz = (tl.zeros([COLUMNS, BLOCK_C], tl.float32),) * M
+            dz = (tl.zeros([BLOCK_P, BLOCK_C], tl.float32),) * M
             for o0 in range(0, C_out_g, BLOCK_O):
                 o = o0 + out_chan
                 o_mask = o < C_out_g
                 if DY_RESIDENT:
                     dy_t = dy_group
                 else:
-                    dy_t = dot_operand(transposed_grad_output(dy_ptr, dy_pix, pix_mask, group * C_out_g, o, o_mask,
+                    dy_t = dot_operand(transposed_grad_output(dy_ptr, dy_pix, out_mask, group * C_out_g, o, o_mask,
                                                               stride_dy_c, WIDE), dtype, INTERPRETED)
                 w_t = w_ptr + ((group * C_out_g + o) * w_row)[:, None] + (chunk * M_DOT * BLOCK_C + dz_cols)[None, :]
                 for m in tl.static_range(0, M, WIDE_ATOMS):
@@ -145,13 +151,13 @@ def atom_conv2d_bwd_coeff_kernel(
                                     other=0.0)
                     dz_block = tl.dot(dy_t, dot_operand(alpha, dtype, INTERPRETED),
                                       input_precision=DOT_PRECISION)
-                    parts = column_blocks(dz_block, WIDE_ATOMS, COLUMNS, BLOCK_C)
+                    parts = column_blocks(dz_block, WIDE_ATOMS, BLOCK_P, BLOCK_C)
                     for i in tl.static_range(WIDE_ATOMS):
                         if m + i < M:
                             dz = add_at(dz, m + i, parts[i])
             dz_rows = ()  # dz_rows[m][k] [COLUMNS]: dZ[m] of channel k of the chunk
             for m in tl.static_range(M):
-                dz_m = tl.trans(dz[m])
+                dz_m = tl.trans(to_columns(dz[m], TAP_GROUPS, BLOCK_P))
                 if BASES_GRAD or not EVEN_C:
                     # Padding lanes of dZ are exactly zero, so that an Inf there (Inf α or dy times a
                     # zero) cannot meet a tap's zero: in dA of a real pixel through a channel past the
@@ -176,8 +182,6 @@ def atom_conv2d_bwd_coeff_kernel(
     d_atoms = existing_taps_only(d_atoms, M, TAPS, TAP_GROUPS, BLOCK_P)
     # dβ[m*L + l] = Σ_taps dA[m, tap] · Ψ[l, tap]: over each column's taps, then a pixel's columns.
     # (Bases outermost, each Ψ value used by every atom as it is loaded, as in `pixel_atoms`.)
-    out_n, _, out_h, out_w, out_mask = pixel_tile(pid, N, H_out, W_out, BLOCK_P, 1, 1)  # per pixel
-    out_n = out_n.to(tl.int32)
     dcoeff_pix = offset(out_n, stride_dcoeff_n, WIDE) + offset(out_h, stride_dcoeff_h, WIDE) \
         + offset(out_w, stride_dcoeff_w, WIDE)
     for l in tl.static_range(L):

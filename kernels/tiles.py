@@ -105,10 +105,14 @@ def pixel_sum(values, TAP_GROUPS: tl.constexpr, BLOCK_P: tl.constexpr):
 
 @triton.jit
 def to_columns(values, TAP_GROUPS: tl.constexpr, BLOCK_P: tl.constexpr):
-    """[BLOCK_P] per pixel -> [TAP_GROUPS * BLOCK_P] per column (each pixel's value in its columns)."""
+    """[BLOCK_P] or [BLOCK_P, W] per pixel -> [TAP_GROUPS * BLOCK_P] or [TAP_GROUPS * BLOCK_P, W] per
+    column (each pixel's values in its columns)."""
     if TAP_GROUPS == 1:
         return values
-    return tl.reshape(tl.broadcast_to(values[None, :], [TAP_GROUPS, BLOCK_P]), [TAP_GROUPS * BLOCK_P])
+    if len(values.shape) == 1:
+        return tl.reshape(tl.broadcast_to(values[None, :], [TAP_GROUPS, BLOCK_P]), [TAP_GROUPS * BLOCK_P])
+    WIDTH: tl.constexpr = values.shape[1]
+    return tl.reshape(tl.broadcast_to(values[None, :, :], [TAP_GROUPS, BLOCK_P, WIDTH]), [TAP_GROUPS * BLOCK_P, WIDTH])
 
 
 @triton.jit

@@ -68,8 +68,8 @@ from .forward import forward_footprint, pack_weight, reads_rows_of_bases, zero_p
 from .launch import INTERPRETING, Launch, check_runnable, dot_precision, pixel_run, needs_wide_offsets, strides
 from .tiles import (add_at, atom_l1_bound, atom_times_features, basis_at_tap, basis_coefficients, basis_row,
                     coefficient_sum, column_blocks, column_tap, columns_tile, dot_operand, existing_taps_only,
-                    joined_columns, offset, packed_weight_tile, pixel_atoms, pixel_offset, pixel_sum, pixel_tile,
-                    pow2_scale, scaled_atoms, tap_geometry, tile_rows, to_columns)
+                    joined_columns, offset, packed_weight_tile, pixel_atoms, pixel_offset, pixel_sums, pixel_tile,
+                    pow2_scale, rows_to_columns, scaled_atoms, tap_geometry, tile_rows, to_columns)
 
 
 @triton.jit
@@ -97,7 +97,7 @@ def atom_conv2d_bwd_coeff_kernel(
     every group, since dβ sums over all of them. BLOCK_O output channels per step of dZ's dots,
     WIDE_ATOMS (a power of two, `wide_dot_atoms`) atoms per dot. With TAP_GROUPS > 1 each column (one
     pixel's group of taps) gets the dZ of its pixel after the dots, which take a row per pixel
-    (`to_columns`). EVEN_C: C_in_g is a multiple of BLOCK_C.
+    (`rows_to_columns`). EVEN_C: C_in_g is a multiple of BLOCK_C.
     DY_RESIDENT (`dy_resident`): dZ's dots take one step (C_out_g <= BLOCK_O), so a group's dyᵀ is
     loaded once for all its chunks, and its dot operand stays in shared memory across them.
     """
@@ -157,7 +157,7 @@ def atom_conv2d_bwd_coeff_kernel(
                             dz = add_at(dz, m + i, parts[i])
             dz_rows = ()  # dz_rows[m][k] [COLUMNS]: dZ[m] of channel k of the chunk
             for m in tl.static_range(M):
-                dz_m = tl.trans(to_columns(dz[m], TAP_GROUPS, BLOCK_P))
+                dz_m = tl.trans(rows_to_columns(dz[m], TAP_GROUPS, BLOCK_P, BLOCK_C))
                 if BASES_GRAD or not EVEN_C:
                     # Padding lanes of dZ are exactly zero, so that an Inf there (Inf α or dy times a
                     # zero) cannot meet a tap's zero: in dA of a real pixel through a channel past the
@@ -191,9 +191,10 @@ def atom_conv2d_bwd_coeff_kernel(
             psi = basis_at_tap(bases_ptr, l, t, exists, stride_bases_l, stride_bases_h, stride_bases_w, KW, TAP_GROUPS)
             for m in tl.static_range(M):
                 d_beta = add_at(d_beta, m, d_atoms[k * M + m] * psi)
+        d_beta = pixel_sums(d_beta, M, TAP_GROUPS, BLOCK_P)
         for m in tl.static_range(M):
             tl.store(dcoeff_ptr + offset(m * L + l, stride_dcoeff_c, WIDE) + dcoeff_pix,
-                     pixel_sum(d_beta[m], TAP_GROUPS, BLOCK_P).to(dcoeff_ptr.dtype.element_ty), mask=out_mask)
+                     d_beta[m].to(dcoeff_ptr.dtype.element_ty), mask=out_mask)
     if BASES_GRAD:
         # dΨ[l, tap] partial = Σ over the tile's pixels and the atoms of β[m*L + l] · dA[m, tap].
         coeff_pix = offset(n, stride_coeff_n, WIDE) + offset(oh, stride_coeff_h, WIDE) \

@@ -104,15 +104,33 @@ def pixel_sum(values, TAP_GROUPS: tl.constexpr, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
+def pixel_sums(rows, COUNT: tl.constexpr, TAP_GROUPS: tl.constexpr, BLOCK_P: tl.constexpr):
+    """`pixel_sum` of each of a tuple of COUNT rows [TAP_GROUPS * BLOCK_P] per column, as a tuple of
+    COUNT rows [BLOCK_P] per pixel, in one reduction: the rows stacked in a tile (zero rows up to
+    a power of two) cross shared memory together, behind one barrier, not one each."""
+    if TAP_GROUPS == 1:
+        return rows
+    WIDTH: tl.constexpr = 1 << (COUNT - 1).bit_length()
+    tile = columns_tile(rows + (tl.zeros_like(rows[0]),) * (WIDTH - COUNT), WIDTH, TAP_GROUPS * BLOCK_P)
+    sums = tl.sum(tl.reshape(tile, [TAP_GROUPS, BLOCK_P, WIDTH]), axis=0)  # [BLOCK_P, WIDTH]
+    return tile_rows(tl.permute(sums, (1, 0)), WIDTH, BLOCK_P)[:COUNT]
+
+
+@triton.jit
 def to_columns(values, TAP_GROUPS: tl.constexpr, BLOCK_P: tl.constexpr):
-    """[BLOCK_P] or [BLOCK_P, W] per pixel -> [TAP_GROUPS * BLOCK_P] or [TAP_GROUPS * BLOCK_P, W] per
-    column (each pixel's values in its columns)."""
+    """[BLOCK_P] per pixel -> [TAP_GROUPS * BLOCK_P] per column (each pixel's value in its columns)."""
     if TAP_GROUPS == 1:
         return values
-    if len(values.shape) == 1:
-        return tl.reshape(tl.broadcast_to(values[None, :], [TAP_GROUPS, BLOCK_P]), [TAP_GROUPS * BLOCK_P])
-    WIDTH: tl.constexpr = values.shape[1]
-    return tl.reshape(tl.broadcast_to(values[None, :, :], [TAP_GROUPS, BLOCK_P, WIDTH]), [TAP_GROUPS * BLOCK_P, WIDTH])
+    return tl.reshape(tl.broadcast_to(values[None, :], [TAP_GROUPS, BLOCK_P]), [TAP_GROUPS * BLOCK_P])
+
+
+@triton.jit
+def rows_to_columns(tile, TAP_GROUPS: tl.constexpr, BLOCK_P: tl.constexpr, WIDTH: tl.constexpr):
+    """[BLOCK_P, WIDTH], a row per pixel -> [TAP_GROUPS * BLOCK_P, WIDTH], a row per column (each
+    pixel's row in its columns)."""
+    if TAP_GROUPS == 1:
+        return tile
+    return tl.reshape(tl.broadcast_to(tile[None, :, :], [TAP_GROUPS, BLOCK_P, WIDTH]), [TAP_GROUPS * BLOCK_P, WIDTH])
 
 
 @triton.jit
